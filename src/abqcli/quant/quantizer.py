@@ -1,0 +1,172 @@
+"""Uniform affine quantizer (DESIGN §4).
+
+    q  = clamp(round(x / s) + z, 0, qmax)          round half to even
+    x̂ = (q - z) · s
+    s  = clamp((xmax - xmin) / qmax, 1e-5, 1e4)     asymmetric
+    z  = round(-xmin / s)
+
+`qmax = 2**bits - 1`, except bit balance (W2*): bits == 2 with balance gives `qmax = 4`, five levels.
+Weights get one (s, z) per output row, or per row and group of `group_size` input columns (the last
+group may be partial). Activations get one (s, z) per token, over the last dimension, computed on the
+fly. In training, rounding passes gradients straight through (STE) and LWC scales the range with two
+learnable factors per quantization row: `xmax' = σ(u)·xmax`, `xmin' = σ(l)·xmin`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALE_MIN = 1e-5
+SCALE_MAX = 1e4
+FP_BITS = 16  # activation / kv bits meaning "not quantized"
+
+
+def qmax_for(bits: int, balance: bool = False) -> int:
+    """Largest code for `bits` (W2* balance: 4, five centred levels)."""
+    if balance:
+        if bits != 2:
+            raise ValueError(f"bit balance needs bits == 2, got {bits}")
+        return 4
+    return 2**bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even forward, identity backward."""
+    return (torch.round(x) - x).detach() + x
+
+
+def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the asymmetric quantizer for a range (differentiable through STE)."""
+    scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+    zero = round_ste(-xmin / scale)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Integer codes in [0, qmax] (as floats, STE through the rounding)."""
+    return torch.clamp(round_ste(x / scale) + zero, 0, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - zero) * scale
+
+
+@dataclass(frozen=True)
+class WeightQuantSpec:
+    """How one linear's weight is quantized."""
+
+    bits: int
+    group_size: int | None = None
+    balance: bool = False
+
+    @property
+    def qmax(self) -> int:
+        return qmax_for(self.bits, self.balance)
+
+    def num_groups(self, in_features: int) -> int:
+        g = self.group_size or in_features
+        return -(-in_features // g)
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[N, K] -> [N, G, g]; a partial last group is padded by repeating its last column,
+    which leaves that group's min and max unchanged."""
+    n, k = w.shape
+    g = group_size or k
+    pad = (-k) % g
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+    return w.reshape(n, -1, g)
+
+
+def weight_range(
+    w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xmin, xmax) per row and group, [N, G]; LWC factors (u, l) are logits of shape [N, G]."""
+    wg = _grouped(w, spec.group_size)
+    xmin, xmax = wg.amin(dim=-1), wg.amax(dim=-1)
+    if lwc is not None:
+        upper, lower = lwc
+        xmax = torch.sigmoid(upper) * xmax
+        xmin = torch.sigmoid(lower) * xmin
+    return xmin, xmax
+
+
+def weight_qparams(
+    w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row and group, both [N, G]."""
+    xmin, xmax = weight_range(w, spec, lwc)
+    return affine_params(xmin, xmax, spec.qmax)
+
+
+def _apply_grouped(w: torch.Tensor, spec: WeightQuantSpec, fn) -> torch.Tensor:
+    n, k = w.shape
+    wg = _grouped(w, spec.group_size)
+    return fn(wg).reshape(n, -1)[:, :k]
+
+
+def fake_quantize_weight(
+    w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Quantize and dequantize a [N, K] weight (differentiable: STE and LWC)."""
+    scale, zero = weight_qparams(w, spec, lwc)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return _apply_grouped(w, spec, lambda wg: dequantize(quantize(wg, s, z, spec.qmax), s, z))
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer state of one quantized linear: what the BTC packer consumes.
+
+    codes: uint8 [N, K] in [0, qmax]; scale, zero: float32 [N, G] (zero holds integers).
+    Dequantized weight: (codes - zero[:, k // group]) * scale[:, k // group].
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    spec: WeightQuantSpec
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        g = self.spec.group_size or k
+        col_group = torch.arange(k) // g
+        return (self.codes.float() - self.zero[:, col_group]) * self.scale[:, col_group]
+
+
+@torch.no_grad()
+def quantize_weight(
+    w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> QuantizedWeight:
+    """Integer codes and (scale, zero) of a [N, K] weight, computed in float32."""
+    w = w.float()
+    scale, zero = weight_qparams(w, spec, lwc)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    codes = _apply_grouped(w, spec, lambda wg: quantize(wg, s, z, spec.qmax))
+    return QuantizedWeight(codes.to(torch.uint8), scale.float(), zero.float(), spec)
+
+
+def activation_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dimension) dynamic scale and zero, shaped [..., 1]."""
+    xmin = x.amin(dim=-1, keepdim=True)
+    xmax = x.amax(dim=-1, keepdim=True)
+    return affine_params(xmin, xmax, qmax_for(bits))
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token asymmetric fake quantization over the last dimension; 16 bits = identity."""
+    if bits >= FP_BITS:
+        return x
+    scale, zero = activation_qparams(x, bits)
+    return dequantize(quantize(x, scale, zero, qmax_for(bits)), scale, zero)
+
+
+@torch.no_grad()
+def quantize_activation(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token codes (uint8, same shape as x) and (scale, zero) shaped [..., 1], in float32."""
+    x = x.float()
+    scale, zero = activation_qparams(x, bits)
+    return quantize(x, scale, zero, qmax_for(bits)).to(torch.uint8), scale, zero
