@@ -117,6 +117,14 @@ def fake_quantize_weight(
     return _apply_grouped(w, spec, lambda wg: dequantize(quantize(wg, s, z, spec.qmax), s, z))
 
 
+@dataclass(frozen=True)
+class LayerQuant:
+    """What one linear gets: its weight quantizer and the bit width of its input activations."""
+
+    weight: WeightQuantSpec
+    act_bits: int
+
+
 @dataclass
 class QuantizedWeight:
     """Integer state of one quantized linear: what the BTC packer consumes.

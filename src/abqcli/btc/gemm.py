@@ -1,0 +1,279 @@
+"""Exact CPU reference GEMM and the affine epilogue of the BTC format (DESIGN §5, CPU half of §6).
+
+Two integer paths compute `acc[m, n, g] = Σ_{k∈g} qa[m, k]·qw[n, k]`:
+
+* `popcount_gemm` works on bit planes, `Σ_i Σ_j 2^(i+j) · popcount(A_i AND W_j)` — what the binary
+  tensor-core kernel does, written plainly (slow, for tests and cross-checks);
+* `int_gemm` works on codes with float32 matmuls over K-chunks small enough to be exact.
+
+`epilogue` turns the integer accumulators into the float output; `btc_linear` is the whole layer on the
+CPU (quantize activations, exact float GEMM of centred codes against cached weight codes, scales).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from abqcli.btc.format import PackedWeight
+from abqcli.quant.quantizer import FP_BITS, activation_qparams, qmax_for
+
+INT32_MAX = 2**31 - 1
+F32_EXACT = 2**24  # every integer of magnitude <= 2**24 is exact in float32
+BTC_GROUP_ALIGN = 128  # group sizes the BTC GEMM accepts (besides per-channel)
+_POPCOUNT_CHUNK = 1 << 21  # elements of the [m, N, Kw] AND-tensor built at once
+
+
+def check_int32_bound(k: int, qmax_a: int, qmax_w: int) -> None:
+    """Refuse a GEMM whose int32 accumulator could overflow.
+
+    A dot product of K codes is at most `k · qmax_a · qmax_w`; the kernel accumulates it in int32, so
+    abq requires `k · qmax_a · qmax_w <= 2**31 - 1` (e.g. A8W8: K <= 33025; A4W4: K <= 9544371).
+    """
+    bound = int(k) * int(qmax_a) * int(qmax_w)
+    if bound > INT32_MAX:
+        raise ValueError(
+            f"K={k} with qmax_a={qmax_a}, qmax_w={qmax_w} can reach {bound} > int32 max {INT32_MAX}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- popcount
+
+
+def _popcount32(x: torch.Tensor) -> torch.Tensor:
+    """Bit count of int64 values holding 32-bit patterns (SWAR bit trick, vectorised)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def _as_words(planes: torch.Tensor) -> torch.Tensor:
+    """int32/uint32 planes -> int64 holding the unsigned 32-bit pattern."""
+    if planes.dtype == torch.uint32:
+        planes = planes.view(torch.int32)
+    if planes.dtype != torch.int32:
+        raise ValueError(f"planes must be int32 (or uint32), got {planes.dtype}")
+    return planes.long() & 0xFFFFFFFF
+
+
+def popcount_gemm(
+    a_planes: torch.Tensor, w_planes: torch.Tensor, group_words: int | None = None
+) -> torch.Tensor:
+    """Bit-plane integer GEMM: `Σ_i Σ_j 2^(i+j) · popcount(A_i AND W_j)` over the words.
+
+    a_planes [Pa, M, Kw], w_planes [Pw, N, Kw] (int32 holding uint32 patterns). Returns int64 [M, N], or
+    [M, N, G] with one sum per group of `group_words` words (the last group may be partial).
+    """
+    if a_planes.dim() != 3 or w_planes.dim() != 3:
+        raise ValueError("planes must be 3-D [P, rows, Kw]")
+    pa, m, kw = a_planes.shape
+    pw, n, kw_w = w_planes.shape
+    if kw != kw_w:
+        raise ValueError(f"activation planes have {kw} words per row, weight planes {kw_w}")
+    a = _as_words(a_planes)
+    w = _as_words(w_planes)
+    gw = group_words or kw
+    if gw < 1:
+        raise ValueError(f"group_words must be >= 1, got {group_words}")
+    n_groups = -(-kw // gw)
+    pad = n_groups * gw - kw
+    if pad:  # zero words contribute nothing
+        a = F.pad(a, (0, pad))
+        w = F.pad(w, (0, pad))
+    out = torch.zeros(m, n, n_groups, dtype=torch.int64)
+    rows = max(1, _POPCOUNT_CHUNK // max(1, n * (kw + pad)))
+    for m0 in range(0, m, rows):
+        m1 = min(m, m0 + rows)
+        for i in range(pa):
+            ai = a[i, m0:m1, None, :]
+            for j in range(pw):
+                counts = _popcount32(ai & w[j, None, :, :])
+                out[m0:m1] += counts.view(m1 - m0, n, n_groups, gw).sum(dim=-1) << (i + j)
+    return out if group_words else out[..., 0]
+
+
+# ---------------------------------------------------------------------------------------- integer gemm
+
+
+def _exact_chunk(qmax_a: int, qmax_w: int) -> int:
+    """Largest K-chunk whose float32 dot products are exact: chunk · qmax_a · qmax_w <= 2**24."""
+    return max(1, F32_EXACT // max(1, qmax_a * qmax_w))
+
+
+def int_gemm(a_codes: torch.Tensor, w_codes: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Exact integer GEMM of codes: a [M, K], w [N, K] -> int64 [M, N, G] (G = 1 per-channel).
+
+    Exact because each float32 matmul covers a K-chunk with `chunk · max(qa) · max(qw) <= 2**24`: every
+    partial sum is a non-negative integer no larger than that, and float32 represents all integers up
+    to 2**24 exactly, whatever the summation order. The chunk results are converted to int64 and added.
+    """
+    if a_codes.dim() != 2 or w_codes.dim() != 2:
+        raise ValueError("int_gemm takes 2-D codes a [M, K] and w [N, K]")
+    m, k = a_codes.shape
+    n, k_w = w_codes.shape
+    if k != k_w:
+        raise ValueError(f"K mismatch: activations have {k} columns, weights {k_w}")
+    g = group_size or k
+    n_groups = -(-k // g)
+    qa = int(a_codes.max()) if a_codes.numel() else 0
+    qw = int(w_codes.max()) if w_codes.numel() else 0
+    if (a_codes.numel() and int(a_codes.min()) < 0) or (w_codes.numel() and int(w_codes.min()) < 0):
+        raise ValueError("codes must be non-negative")
+    chunk = _exact_chunk(qa, qw)
+    a = a_codes.float()
+    w = w_codes.float()
+    out = torch.zeros(m, n, n_groups, dtype=torch.int64)
+    for gi in range(n_groups):
+        for s in range(gi * g, min(k, (gi + 1) * g), chunk):
+            e = min(k, (gi + 1) * g, s + chunk)
+            out[:, :, gi] += (a[:, s:e] @ w[:, s:e].T).to(torch.int64)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- epilogue
+
+
+def group_lengths(k: int, group_size: int | None) -> torch.Tensor:
+    """Real (unpadded) columns per group: [G] int64."""
+    g = group_size or k
+    n_groups = -(-k // g)
+    lengths = torch.full((n_groups,), g, dtype=torch.int64)
+    lengths[-1] = k - (n_groups - 1) * g
+    return lengths
+
+
+def epilogue(
+    acc: torch.Tensor,
+    a_scale: torch.Tensor,
+    a_zero: torch.Tensor,
+    a_sums: torch.Tensor,
+    w: PackedWeight,
+) -> torch.Tensor:
+    """Affine epilogue of DESIGN §5, exact up to the final float rounding:
+
+        y[m,n] = sa[m] · Σ_g sw[n,g] · ( acc[m,n,g] − za[m]·wsum[n,g] − zw[n,g]·asum[m,g]
+                                         + |g|·za[m]·zw[n,g] )
+
+    acc int64 [M, N, G]; a_scale, a_zero [M]; a_sums [M, G] (sums of activation codes per group);
+    |g| = real columns of group g. The bracket (an integer) is formed in float64, exact below 2**53.
+    Returns float32 [M, N].
+    """
+    if acc.dim() == 2:
+        acc = acc.unsqueeze(-1)
+    m, n, n_groups = acc.shape
+    if (n, n_groups) != (w.out_features, w.num_groups):
+        raise ValueError(
+            f"acc shape {list(acc.shape)} does not match the weight: N={w.out_features}, G={w.num_groups}"
+        )
+    sa = a_scale.reshape(m, 1).double()
+    za = a_zero.reshape(m, 1, 1).double()
+    asum = a_sums.reshape(m, 1, n_groups).double()
+    zw = w.zero.double().unsqueeze(0)
+    wsum = w.code_sums.double().unsqueeze(0)
+    sizes = group_lengths(w.in_features, w.group_size).double()
+    bracket = acc.double() - za * wsum - zw * asum + sizes * za * zw
+    y = (bracket * w.scale.double().unsqueeze(0)).sum(dim=-1) * sa
+    return y.float()
+
+
+# ---------------------------------------------------------------------------------------------- linear
+
+
+def _check_btc_group(w: PackedWeight) -> None:
+    if w.group_size is not None and w.group_size % BTC_GROUP_ALIGN:
+        raise ValueError(
+            f"group_size {w.group_size} cannot run the BTC GEMM: activation-quantized layers need "
+            f"per-channel weights or a group size that is a multiple of {BTC_GROUP_ALIGN} "
+            f"(groups must cover whole 128-column tiles); weight-only (A16) layers accept any group size"
+        )
+
+
+def quantize_activation_f32(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token codes as float32 [M, K] with scale, zero [M, 1] — the same values as
+    `quantize_activation` (same qparams, same round-half-even), without the uint8 round trip."""
+    scale, zero = activation_qparams(x, bits)
+    codes = torch.div(x, scale).round_().add_(zero).clamp_(0, qmax_for(bits))
+    return codes, scale, zero
+
+
+_ROW_BLOCK_BYTES = 1 << 21  # rows per block: keep a block's [rows, N] accumulator in cache
+
+
+def _centered_bound(zero: torch.Tensor, qmax: int) -> float:
+    """max |q − z| over codes q in [0, qmax] for the given (integer-valued) zero points."""
+    if not zero.numel():
+        return 0.0
+    return float(torch.maximum(zero.abs(), (qmax - zero).abs()).max())
+
+
+@torch.no_grad()
+def _btc_linear_cpu(x: torch.Tensor, w: PackedWeight, act_bits: int) -> torch.Tensor:
+    """x float32 [M, K] -> float32 [M, N]: the section-5 layer with exact integer brackets.
+
+    The epilogue's bracket for group g, `acc − za·wsum − zw·asum + |g|·za·zw`, is the integer
+    `Σ_{k∈g} (qa − za)·(qw − zw)` (zero points are integers). The CPU path forms it directly as one
+    matmul of centred activation codes against the cached centred weight codes per group: float32
+    when `|g| · max|qa − za| · max|qw − zw| <= 2**24` (every partial sum is an integer below 2**24,
+    so exact), else float64 (exact below 2**53). Then `y = sa · Σ_g sw_g · bracket_g`.
+    """
+    m, k = x.shape
+    n = w.out_features
+    codes, sa, za = quantize_activation_f32(x, act_bits)
+    a_c = codes.sub_(za)  # centred activation codes, exact small integers
+    w_c = w.centered_codes_f32()
+    g = w.group_size or k
+    bound = _centered_bound(za, qmax_for(act_bits)) * _centered_bound(w.zero, w.qmax)
+    dt = torch.float32 if g * bound <= F32_EXACT else torch.float64
+    if dt == torch.float64:
+        a_c, w_c = a_c.double(), w_c.double()
+    sa = sa.reshape(m, 1).to(dt)
+    if w.num_groups == 1:
+        return (a_c @ w_c.T).mul_(w.scale[:, 0].to(dt)).mul_(sa).float()
+
+    sw = w.scale.T.to(dt).contiguous()  # [G, N]
+    bounds = [(gi * g, min(k, (gi + 1) * g)) for gi in range(w.num_groups)]
+    out = torch.empty(m, n, dtype=torch.float32)
+    rows = max(16, _ROW_BLOCK_BYTES // (4 * max(1, n)))
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        y = None
+        for gi, (s, e) in enumerate(bounds):
+            bracket = a_c[r0:r1, s:e] @ w_c[:, s:e].T
+            y = bracket.mul_(sw[gi]) if y is None else y.addcmul_(bracket, sw[gi])
+        out[r0:r1] = y.mul_(sa[r0:r1])
+    return out
+
+
+def btc_linear(
+    x: torch.Tensor,
+    w: PackedWeight,
+    act_bits: int,
+    bias: torch.Tensor | None = None,
+    backend: str = "cpu",
+) -> torch.Tensor:
+    """A packed linear layer: x [..., K] -> [..., N] in x's dtype.
+
+    act_bits < 16: per-token activation quantization, exact integer GEMM, epilogue (+ bias); the weight
+    must be per-channel or grouped by a multiple of 128. act_bits >= 16 (weight-only): the dequantized
+    weight in a plain float matmul, any group size. backend "cpu" runs here, "cupy" in abqcli.btc.cuda.
+    """
+    if backend == "cupy":
+        from abqcli.btc import cuda as btc_cuda
+
+        return btc_cuda.btc_linear(x, w, act_bits, bias=bias)
+    if backend != "cpu":
+        raise ValueError(f"unknown BTC backend {backend!r} (expected 'cpu' or 'cupy')")
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {w.in_features}")
+    if act_bits >= FP_BITS:
+        weight = w.dequantized_f32().to(device=x.device, dtype=x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, weight, b)
+    _check_btc_group(w)
+    check_int32_bound(w.in_features, qmax_for(act_bits), w.qmax)
+    lead = x.shape[:-1]
+    y = _btc_linear_cpu(x.detach().reshape(-1, w.in_features).float(), w, act_bits)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*lead, w.out_features).to(x.dtype)

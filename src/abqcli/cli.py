@@ -1,0 +1,182 @@
+"""The `abq` command line: parses, calls library functions, prints with rich. No logic of its own.
+
+Exit codes: 0 ok, 1 failure while running, 2 bad input (recipe, paths, options), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from abqcli import __version__
+from abqcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, AbqError, InputError
+
+HELP = """abq: arbitrary-bit (ABQ-LLM) quantization of LLMs into the BTC bit-plane format.
+
+Exit codes: 0 ok, 1 failure while running, 2 bad input, 130 interrupted.
+Data: dataset names (wikitext2, c4, ptb) resolve in --data-dir or $ABQ_DATA_DIR.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+recipe_app = typer.Typer(help="Show or validate recipes (presets or YAML files).", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+out = Console()  # results: tables go to stdout
+err = Console(stderr=True)  # progress and messages go to stderr
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="HF model dir, cached hub id, .gguf file, "
+                                       "abq output dir, or the alias smollm2-135m.")]
+DatasetOpt = Annotated[str, typer.Option(help="Dataset name (wikitext2, c4, ptb) or a text file path.")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding named datasets "
+                                                   "(default: $ABQ_DATA_DIR).")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a recipe field: key.path=value "
+                                           "(YAML value), repeatable.")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this path.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, float16 or bfloat16.")]
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    err.print(f"wrote {path}")
+
+
+def _table(title: str, rows: dict) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=err, disable=not err.is_terminal,
+    )
+
+
+def _eval_recipe(recipe: str | None, scheme: str | None, group_size: int | None, sets: list[str]):
+    """The recipe that `abq eval` fake-quantizes with, or None for the FP model."""
+    from abqcli.recipe import load_recipe
+
+    if recipe and scheme:
+        raise InputError("give either --recipe or --scheme, not both")
+    if group_size is not None and not scheme:
+        raise InputError("--group-size goes with --scheme")
+    if scheme:
+        extra = [f"weights.group_size={group_size}"] if group_size is not None else []
+        # eval only fake-quantizes: no packed output, so any group size is allowed
+        return load_recipe(scheme, ["output.formats=[hf-fakequant]", *extra, *sets])
+    if recipe:
+        return load_recipe(recipe, sets)
+    if sets:
+        raise InputError("--set needs --recipe or --scheme")
+    return None
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "smollm2-135m",
+    dataset: DatasetOpt = "wikitext2",
+    data_dir: DataDirOpt = None,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N windows.")] = None,
+    scheme: Annotated[Optional[str], typer.Option(help="Fake-quantize with RTN at a preset, e.g. w4a16, "
+                                                  "w2*a8.")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Weight group size with --scheme "
+                                                      "(default per channel).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Fake-quantize (RTN) per this recipe file "
+                                                  "or preset.")] = None,
+    sets: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    backend: Annotated[str, typer.Option(help="GEMM backend for packed models: cpu or cupy.")] = "cpu",
+    json_path: JsonOpt = None,
+) -> None:
+    """Perplexity of a model (FP, RTN fake-quant, or an abq output) by the GPTQ/ABQ protocol."""
+    from abqcli.evaluate import EvalRequest, run_eval
+
+    req = EvalRequest(model, dataset, data_dir, seqlen, limit, device, dtype,
+                      _eval_recipe(recipe, scheme, group_size, sets), backend)
+    with _progress() as progress:
+        task = progress.add_task("perplexity", total=None, info="loading")
+
+        def on_window(i: int, n: int, ppl: float) -> None:
+            progress.update(task, total=n, completed=i + 1, info=f"ppl {ppl:.3f}")
+
+        result = run_eval(req, on_window)
+    out.print(_table("abq eval", result.to_dict()))
+    _write_json(json_path, result.to_dict())
+
+
+@recipe_app.command("show")
+def recipe_show(
+    spec: Annotated[str, typer.Argument(help="Preset name (w4a4, w2*a8, ...) or YAML file.")],
+    sets: SetOpt = [],  # noqa: B006
+) -> None:
+    """Print the resolved recipe (defaults filled in) as YAML."""
+    from abqcli.recipe import dump_recipe, load_recipe
+
+    out.print(dump_recipe(load_recipe(spec, sets)), markup=False, highlight=False, end="")
+
+
+@recipe_app.command("validate")
+def recipe_validate(
+    spec: Annotated[str, typer.Argument(help="YAML file (or preset name) to check.")],
+    sets: SetOpt = [],  # noqa: B006
+) -> None:
+    """Check a recipe; exit 0 if valid, 2 with the offending key path if not."""
+    from abqcli.recipe import describe, load_recipe
+
+    out.print(f"ok: {spec} ({describe(load_recipe(spec, sets))})", markup=False, highlight=False)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False):
+    if version:
+        out.print(f"abq {__version__}")
+        raise typer.Exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: every error becomes one line on stderr and an exit code."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="abq", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted", markup=False)
+        return 130
+    except AbqError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no bare tracebacks
+        if os.environ.get("ABQ_DEBUG"):
+            raise
+        err.print(f"error: {type(exc).__name__}: {exc} (set ABQ_DEBUG=1 for the traceback)",
+                  markup=False, highlight=False, soft_wrap=True)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Perplexity by the GPTQ/ABQ protocol (DESIGN §7).
+
+The test text is tokenised once as one string; non-overlapping windows of `seqlen` tokens (remainder
+dropped); within each window every token after the first is scored; PPL = exp(mean NLL).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abqcli.errors import InputError, RunError
+
+
+@dataclass
+class PerplexityResult:
+    """Every protocol field printed and recorded with a perplexity."""
+
+    ppl: float
+    dataset: str
+    data_file: str
+    data_sha256: str
+    seqlen: int
+    windows: int
+    tokens_scored: int
+    bos: str
+    model: str
+    mode: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, window: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL (float64) and number of scored tokens for one [1, T] window."""
+    logits = model(window).logits[0, :-1].float()
+    nll = F.cross_entropy(logits, window[0, 1:], reduction="sum")
+    return nll.double().item(), window.shape[1] - 1
+
+
+def perplexity(
+    model: nn.Module,
+    segments: torch.Tensor,
+    device: str | torch.device = "cpu",
+    on_window: Callable[[int, float], None] | None = None,
+) -> tuple[float, int, float]:
+    """(ppl, tokens scored, seconds) over [n, seqlen] segments; `on_window(i, running_ppl)` after each."""
+    total_nll, total_tokens = 0.0, 0
+    start = time.perf_counter()
+    for i, window in enumerate(segments):
+        nll, count = window_nll(model, window.unsqueeze(0).to(device))
+        if not math.isfinite(nll):
+            raise RunError(f"non-finite loss on window {i}: the model produces NaN/inf logits")
+        total_nll += nll
+        total_tokens += count
+        if on_window is not None:
+            on_window(i, math.exp(total_nll / total_tokens))
+    return math.exp(total_nll / total_tokens), total_tokens, time.perf_counter() - start
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when a GPU is visible, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclass
+class OpenedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # where the weights came from
+    mode: str  # fp | fake-quant RTN ... | calibrated ... | packed ...
+
+
+def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=None) -> OpenedModel:
+    """The model to evaluate: FP, RTN fake-quant of an FP model under `recipe`, or an abq export."""
+    from abqcli.models.adapters import adapter_for
+    from abqcli.models.loading import load_model
+    from abqcli.quant.fakequant import apply_rtn
+    from abqcli.recipe import describe
+
+    model, tokenizer, source = load_model(name, dtype, device, check_config)
+    if recipe is None:
+        return OpenedModel(model, tokenizer, source.describe(), "fp")
+    apply_rtn(model, adapter_for(model), recipe.layer_quant, recipe.kv_bits)
+    return OpenedModel(model, tokenizer, source.describe(), f"fake-quant RTN {describe(recipe)}")
+
+
+@dataclass
+class EvalRequest:
+    """Everything `abq eval` needs; `recipe` None means the FP model."""
+
+    model: str
+    dataset: str = "wikitext2"
+    data_dir: str | None = None
+    seqlen: int = 2048
+    limit: int | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    recipe: "Recipe | None" = None  # noqa: F821 - imported lazily to keep this module light
+    backend: str = "cpu"
+
+
+def check_seqlen(seqlen: int, config) -> None:
+    context = getattr(config, "max_position_embeddings", None)
+    if seqlen < 2:
+        raise InputError(f"seqlen must be at least 2, got {seqlen}")
+    if context is not None and seqlen > context:
+        raise InputError(f"seqlen {seqlen} is longer than the model's context ({context} tokens)")
+
+
+def run_eval(req: EvalRequest, on_window: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
+    """Load, optionally fake-quantize (RTN) or open a quantized export, and measure perplexity.
+
+    `on_window(i, n, running_ppl)` is called after each window (for progress display).
+    """
+    from abqcli import data
+
+    if req.limit is not None and req.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {req.limit}")
+    device = resolve_device(req.device)
+    text = data.load_text(req.dataset, "test", req.data_dir)  # fail on bad data before loading weights
+    opened = open_model(req.model, req.dtype, device, recipe=req.recipe, backend=req.backend,
+                        check_config=lambda cfg: check_seqlen(req.seqlen, cfg))
+    ids, has_bos = data.tokenize(opened.tokenizer, text.text)
+    segments = data.eval_segments(ids, req.seqlen, req.limit)
+    n = segments.shape[0]
+    callback = (lambda i, ppl: on_window(i, n, ppl)) if on_window else None
+    ppl, tokens, seconds = perplexity(opened.model, segments, device, callback)
+    return PerplexityResult(
+        ppl=ppl,
+        dataset=req.dataset,
+        data_file=text.origin,
+        data_sha256=text.sha256,
+        seqlen=req.seqlen,
+        windows=n,
+        tokens_scored=tokens,
+        bos="BOS prepended once to the whole text" if has_bos else "no BOS added (tokenizer default)",
+        model=opened.source,
+        mode=opened.mode,
+        seconds=seconds,
+    )

@@ -1,0 +1,110 @@
+"""One adapter per architecture family: where the decoder blocks are and how a block is wired.
+
+The calibration loop, the LET transforms and the fake-quant wrappers only talk to a model through
+an adapter, so supporting a new family means writing one class here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from abqcli.errors import InputError
+
+
+@dataclass(frozen=True)
+class LetPair:
+    """A learnable equivalent transformation between a producer and the linears that consume its output.
+
+    `producer` is a norm (scales its weight/bias) or a linear (scales its output rows); `consumers` are
+    linears whose input columns get multiplied by the same per-channel scale.
+    """
+
+    name: str
+    producer: str
+    consumers: tuple[str, ...]
+    kind: str  # "norm" | "linear"
+
+
+class Adapter:
+    """Base class: the family-independent part."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    blocks_path: str = ""
+    attention: str = ""  # attention submodule name inside a block
+    compensation_target: str = ""  # linear that gets compensation vectors (DESIGN §4)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks_path)
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}"
+
+    def let_pairs(self, block: nn.Module) -> list[LetPair]:
+        raise NotImplementedError
+
+    @staticmethod
+    def linear_names(block: nn.Module) -> list[str]:
+        """Names (relative to the block) of every nn.Linear in it, in definition order."""
+        return [name for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+
+
+class LlamaAdapter(Adapter):
+    """llama, mistral, qwen2 (q/k/v with biases), smollm: pre-norm RMSNorm blocks, RoPE, GQA."""
+
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+    blocks_path = "model.layers"
+    attention = "self_attn"
+    compensation_target = "mlp.down_proj"
+
+    def let_pairs(self, block: nn.Module) -> list[LetPair]:
+        return [
+            LetPair("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+            LetPair("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
+            LetPair("out", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+            LetPair("down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+        ]
+
+
+class OptAdapter(Adapter):
+    """OPT: pre-norm LayerNorm blocks (with bias), learned positions, no GQA; no fc1 -> fc2 pair."""
+
+    family = "opt"
+    model_types = ("opt",)
+    blocks_path = "model.decoder.layers"
+    attention = "self_attn"
+    compensation_target = "fc2"
+
+    def let_pairs(self, block: nn.Module) -> list[LetPair]:
+        return [
+            LetPair("qkv", "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+            LetPair("fc1", "final_layer_norm", ("fc1",), "norm"),
+            LetPair("out", "self_attn.v_proj", ("self_attn.out_proj",), "linear"),
+        ]
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OptAdapter)
+
+
+def supported_model_types() -> list[str]:
+    return [t for cls in ADAPTERS for t in cls.model_types]
+
+
+def adapter_for_config(config) -> Adapter:
+    """The adapter for a transformers config, or an InputError listing what abq supports."""
+    model_type = getattr(config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
+                raise InputError("unsupported architecture: OPT-350m style post-norm blocks are not supported")
+            return cls()
+    raise InputError(
+        f"unsupported architecture: {model_type!r} (supported: {', '.join(supported_model_types())})"
+    )
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    return adapter_for_config(model.config)

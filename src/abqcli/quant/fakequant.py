@@ -1,0 +1,140 @@
+"""Fake quantization of a transformers model: small wrappers, no copies of decoder-layer classes.
+
+- Every quantized linear inside a decoder block becomes a `QuantLinear`: its input is fake-quantized
+  per token at `act_bits`; its weight is whatever tensor it holds (RTN puts the fake-quantized
+  weight there once; calibration substitutes trained weights through `torch.func.functional_call`).
+- q, k, v are fake-quantized per (head, token) over head_dim inside the attention function, which is
+  registered with transformers' attention registry as "abq" (k after RoPE, as the model computes it).
+  The per-module bit width lives on the attention module as `abq_kv_bits`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abqcli.models.adapters import Adapter
+from abqcli.quant.quantizer import (
+    FP_BITS,
+    LayerQuant,
+    fake_quantize_activation,
+    fake_quantize_weight,
+)
+
+ATTN_IMPLEMENTATION = "abq"
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with per-token fake-quantized input. Shares the original parameters."""
+
+    def __init__(self, linear: nn.Linear, quant: LayerQuant):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.quant = quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_quantize_activation(x, self.quant.act_bits), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        w = self.quant.weight
+        g = f" g{w.group_size}" if w.group_size else ""
+        return f"{self.in_features}->{self.out_features}, W{w.bits}{'*' if w.balance else ''}{g}A{self.quant.act_bits}"
+
+
+def causal_probs(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Softmax attention probabilities [B, H, Tq, Tk] in float32, causal when no mask is given."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    tq, tk = scores.shape[-2:]
+    if attention_mask is None:
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :tk], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :tk].float()
+    return torch.softmax(scores, dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def abq_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention with q/k/v fake-quantized at `module.abq_kv_bits` (16 = off).
+
+    With `module.abq_record_probs` set, it runs eagerly and leaves the probabilities (averaged over
+    heads) in `module.abq_probs` for the attention-KL loss; otherwise it calls SDPA.
+    """
+    bits = getattr(module, "abq_kv_bits", FP_BITS)
+    query = fake_quantize_activation(query, bits)
+    key = fake_quantize_activation(key, bits)
+    value = fake_quantize_activation(value, bits)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    if getattr(module, "abq_record_probs", False):
+        probs = causal_probs(query, key, attention_mask, scaling)
+        module.abq_probs = probs.mean(dim=1)
+        out = torch.matmul(probs.to(value.dtype), value)
+    else:
+        mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=mask is None and query.shape[-2] > 1, scale=scaling
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Make "abq" a valid attn_implementation (idempotent). Masks are built as for SDPA."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, abq_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def set_kv_quant(model: nn.Module, adapter: Adapter, kv_bits: int) -> None:
+    """Route every block's attention through "abq" with q/k/v at `kv_bits`."""
+    register_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    for block in adapter.blocks(model):
+        block.get_submodule(adapter.attention).abq_kv_bits = kv_bits
+
+
+def wrap_linears(
+    model: nn.Module, adapter: Adapter, layer_quant: Callable[[str], LayerQuant | None]
+) -> dict[str, QuantLinear]:
+    """Replace every decoder-block linear that `layer_quant` selects by a QuantLinear (weights untouched)."""
+    wrapped: dict[str, QuantLinear] = {}
+    for index, block in enumerate(adapter.blocks(model)):
+        prefix = adapter.block_prefix(index)
+        for rel in adapter.linear_names(block):
+            full = f"{prefix}.{rel}"
+            quant = layer_quant(full)
+            if quant is None:
+                continue
+            parent_name, _, child = rel.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            qlinear = QuantLinear(getattr(parent, child), quant)
+            setattr(parent, child, qlinear)
+            wrapped[full] = qlinear
+    return wrapped
+
+
+@torch.no_grad()
+def apply_rtn(
+    model: nn.Module, adapter: Adapter, layer_quant: Callable[[str], LayerQuant | None], kv_bits: int
+) -> dict[str, QuantLinear]:
+    """Round-to-nearest fake quantization of the whole model, in place."""
+    wrapped = wrap_linears(model, adapter, layer_quant)
+    for qlinear in wrapped.values():
+        qlinear.weight.copy_(fake_quantize_weight(qlinear.weight.float(), qlinear.quant.weight))
+    set_kv_quant(model, adapter, kv_bits)
+    return wrapped
