@@ -199,9 +199,13 @@ def _function(source: str, name: str):
         mod = _MODULES.get(mkey)
         if mod is None:
             code = (cuda_source_dir() / source).read_text()
-            # CuPy picks the target (-arch) from the current device; giving a second --gpu-architecture
-            # is not portable across CuPy/NVRTC versions, so only the language level is set here.
-            mod = cp.RawModule(code=code, options=("-std=c++17",))
+            # CuPy appends its own -arch for the current device (NVRTC takes the last one); should a
+            # CuPy/NVRTC pair refuse the explicit target, compile with the language level alone.
+            try:
+                mod = cp.RawModule(code=code, options=("-std=c++17", f"--gpu-architecture=sm_{arch}"))
+                mod.get_function(name)  # RawModule compiles lazily: force it here
+            except Exception:
+                mod = cp.RawModule(code=code, options=("-std=c++17",))
             _MODULES[mkey] = mod
         fn = mod.get_function(name)
         _FUNCTIONS[fkey] = fn
