@@ -124,6 +124,65 @@ def eval_cmd(
     _write_json(json_path, result.to_dict())
 
 
+class RichCalibrationProgress:
+    """Renders the calibration loop: one bar per block, then a line with loss first -> last, time, memory."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task = None
+
+    def block_start(self, block: int, num_blocks: int, steps: int) -> None:
+        self.task = self.progress.add_task(f"block {block + 1}/{num_blocks}", total=steps, info="")
+
+    def step(self, block: int, epoch: int, step: int, loss: float) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, info=f"epoch {epoch + 1} loss {loss:.5f}")
+
+    def block_end(self, log) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        loss = "rtn" if log.loss_first is None else f"loss {log.loss_first:.5f} -> {log.loss_last:.5f}"
+        self.progress.console.print(f"block {log.block}: {loss}, {log.seconds:.1f} s, "
+                                    f"peak {log.peak_memory_mb:.0f} MB", markup=False, highlight=False)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file or preset name (w4a4, w2*a8, ...).")],
+    sets: SetOpt = [],  # noqa: B006
+    data_dir: DataDirOpt = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output directory "
+                                                  "(overrides output.dir).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint "
+                                         "(same model, recipe and data).")] = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Calibrate a model with ABQ (or RTN) per a recipe and write the requested formats.
+
+    A checkpoint is written after every block: after Ctrl-C or a crash, run the same command with
+    --resume. The output directory gets recipe.yaml, quant_log.json and one folder per format.
+    """
+    from abqcli.pipeline import run_quantize
+    from abqcli.recipe import describe, load_recipe
+
+    resolved = load_recipe(recipe, [*sets, *([f"output.dir={output}"] if output else [])])
+    err.print(f"abq quantize: {describe(resolved)}, method {resolved.calibration.method}, "
+              f"model {resolved.model.path} -> {resolved.output.dir}", markup=False, highlight=False)
+    try:
+        with _progress() as progress:
+            summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress))
+    except KeyboardInterrupt:
+        err.print(f"interrupted: completed blocks are checkpointed in {resolved.output.dir}/checkpoint; "
+                  "rerun with --resume", markup=False, highlight=False)
+        raise
+    rows = {k: v for k, v in summary.items() if k not in ("blocks", "provenance", "outputs")}
+    rows.update({f"output {k}": v for k, v in summary["outputs"].items()})
+    out.print(_table("abq quantize", rows))
+    _write_json(json_path, summary)
+
+
 @recipe_app.command("show")
 def recipe_show(
     spec: Annotated[str, typer.Argument(help="Preset name (w4a4, w2*a8, ...) or YAML file.")],

@@ -83,11 +83,21 @@ class OpenedModel:
 
 def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=None) -> OpenedModel:
     """The model to evaluate: FP, RTN fake-quant of an FP model under `recipe`, or an abq export."""
+    from abqcli.export import is_abq_output
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import apply_rtn
     from abqcli.recipe import describe
 
+    if is_abq_output(name):
+        if recipe is not None:
+            raise InputError(f"{name} is already quantized: drop --recipe/--scheme")
+        from abqcli.runtime import open_abq_output
+
+        model, tokenizer, mode = open_abq_output(name, dtype, device, backend)
+        if check_config is not None:
+            check_config(model.config)
+        return OpenedModel(model, tokenizer, str(name), mode)
     model, tokenizer, source = load_model(name, dtype, device, check_config)
     if recipe is None:
         return OpenedModel(model, tokenizer, source.describe(), "fp")

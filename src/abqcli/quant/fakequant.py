@@ -108,23 +108,32 @@ def set_kv_quant(model: nn.Module, adapter: Adapter, kv_bits: int) -> None:
         block.get_submodule(adapter.attention).abq_kv_bits = kv_bits
 
 
+def wrap_block_linears(
+    block: nn.Module, adapter: Adapter, prefix: str, layer_quant: Callable[[str], LayerQuant | None]
+) -> dict[str, QuantLinear]:
+    """Replace the block's linears that `layer_quant` selects (by full name `prefix.rel`) with
+    QuantLinear wrappers (weights untouched); returns them keyed by name relative to the block."""
+    wrapped: dict[str, QuantLinear] = {}
+    for rel in adapter.linear_names(block):
+        quant = layer_quant(f"{prefix}.{rel}")
+        if quant is None:
+            continue
+        parent_name, _, child = rel.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        wrapped[rel] = QuantLinear(getattr(parent, child), quant)
+        setattr(parent, child, wrapped[rel])
+    return wrapped
+
+
 def wrap_linears(
     model: nn.Module, adapter: Adapter, layer_quant: Callable[[str], LayerQuant | None]
 ) -> dict[str, QuantLinear]:
-    """Replace every decoder-block linear that `layer_quant` selects by a QuantLinear (weights untouched)."""
+    """QuantLinear wrappers for every decoder block, keyed by full module name."""
     wrapped: dict[str, QuantLinear] = {}
     for index, block in enumerate(adapter.blocks(model)):
         prefix = adapter.block_prefix(index)
-        for rel in adapter.linear_names(block):
-            full = f"{prefix}.{rel}"
-            quant = layer_quant(full)
-            if quant is None:
-                continue
-            parent_name, _, child = rel.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            qlinear = QuantLinear(getattr(parent, child), quant)
-            setattr(parent, child, qlinear)
-            wrapped[full] = qlinear
+        for rel, qlinear in wrap_block_linears(block, adapter, prefix, layer_quant).items():
+            wrapped[f"{prefix}.{rel}"] = qlinear
     return wrapped
 
 

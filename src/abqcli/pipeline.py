@@ -1,0 +1,138 @@
+"""`abq quantize` as a library call: load -> calibration windows -> calibrate -> write each format.
+
+Output layout (predictable whatever the recipe lists):
+
+    <output.dir>/recipe.yaml          resolved recipe
+    <output.dir>/quant_log.json       per-block losses, seconds, peak memory; totals
+    <output.dir>/checkpoint/          while running (removed when the run completes)
+    <output.dir>/hf-fakequant/        when listed in output.formats
+    <output.dir>/abq-packed/          when listed in output.formats
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from abqcli.errors import InputError
+from abqcli.quant.calibrate import CalibrationResult, Calibrator, Progress
+from abqcli.recipe import Recipe, describe, dump_recipe
+
+QUANT_LOG = "quant_log.json"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an existing output unless asked; resuming needs the checkpoint."""
+    if resume:
+        if not (out_dir / CHECKPOINT_DIR).is_dir():
+            raise InputError(f"nothing to resume in {out_dir} (no {CHECKPOINT_DIR}/ there)")
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"output directory exists: {out_dir} (pass --overwrite to replace it, "
+                             "or --resume to continue an interrupted run)")
+        shutil.rmtree(out_dir)
+
+
+def check_overrides_match(recipe: Recipe, linear_names: list[str]) -> None:
+    """An override pattern that matches no linear of this architecture is a recipe error."""
+    from fnmatch import fnmatch
+
+    for pattern in recipe.overrides:
+        if not any(fnmatch(name, pattern) for name in linear_names):
+            raise InputError(f"overrides.{pattern!r}: matches no linear layer of this model "
+                             f"(layers look like {linear_names[0]!r})")
+
+
+def check_adapter_maps(model, adapter) -> list[str]:
+    """Every module the adapter relies on exists in every block; returns all block linear names."""
+    names = []
+    for index, block in enumerate(adapter.blocks(model)):
+        modules = dict(block.named_modules())
+        needed = {adapter.attention, adapter.compensation_target}
+        for pair in adapter.let_pairs(block):
+            needed |= {pair.producer, *pair.consumers}
+        missing = sorted(n for n in needed if n not in modules)
+        if missing:
+            raise InputError(f"the {adapter.family} adapter cannot map block {index} of this model: "
+                             f"missing {', '.join(missing)}")
+        names += [f"{adapter.block_prefix(index)}.{rel}" for rel in adapter.linear_names(block)]
+    return names
+
+
+def calibration_windows(recipe: Recipe, tokenizer, data_dir: str | None):
+    from abqcli import data
+
+    cal = recipe.calibration
+    text = data.load_text(cal.dataset, "calib", data_dir)
+    ids, _ = data.tokenize(tokenizer, text.text)
+    return data.calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed), text
+
+
+def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = False, resume: bool = False,
+                 progress: Progress | None = None) -> dict:
+    """Calibrate per the recipe and write every requested format; returns the summary (also in quant_log)."""
+    from abqcli.evaluate import check_seqlen, resolve_device
+    from abqcli.export import write_fakequant
+    from abqcli.models.adapters import adapter_for
+    from abqcli.models.loading import load_model
+    from abqcli.quant.fakequant import set_kv_quant
+
+    out_dir = Path(recipe.output.dir)
+    check_output_dir(out_dir, overwrite, resume)
+    cal = recipe.calibration
+    device = torch.device(resolve_device(cal.device))
+    model, tokenizer, source = load_model(recipe.model.path, recipe.model.dtype, "cpu",
+                                          lambda cfg: check_seqlen(cal.seqlen, cfg))
+    adapter = adapter_for(model)
+    check_overrides_match(recipe, check_adapter_maps(model, adapter))
+    windows, text = calibration_windows(recipe, tokenizer, data_dir)
+    set_kv_quant(model, adapter, 16)  # blocks run through abq's attention; FP until calibrated
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe_yaml = dump_recipe(recipe)
+    (out_dir / "recipe.yaml").write_text(recipe_yaml)
+    start = time.perf_counter()
+    calibrator = Calibrator(model, adapter, recipe, windows, out_dir / CHECKPOINT_DIR, device, progress)
+    result: CalibrationResult = calibrator.run(resume=resume)
+    set_kv_quant(model, adapter, result.kv_bits)
+    provenance = {
+        "model": source.describe(),
+        "dataset": cal.dataset,
+        "dataset_file": text.origin,
+        "dataset_sha256": text.sha256,
+        "nsamples": cal.nsamples,
+        "seqlen": cal.seqlen,
+        "seed": cal.seed,
+        "method": cal.method,
+        "scheme": describe(recipe),
+        "fingerprint": result.fingerprint,
+    }
+    outputs = {}
+    if "hf-fakequant" in recipe.output.formats:
+        outputs["hf-fakequant"] = str(out_dir / "hf-fakequant")
+        write_fakequant(out_dir / "hf-fakequant", model, tokenizer, recipe_yaml, result.kv_bits,
+                        result.layers, result.quantized, provenance)
+    if "abq-packed" in recipe.output.formats:
+        from abqcli.export import write_packed
+
+        outputs["abq-packed"] = str(out_dir / "abq-packed")
+        write_packed(out_dir / "abq-packed", model, tokenizer, recipe_yaml, result.kv_bits,
+                     result.layers, result.quantized, provenance)
+    summary = {
+        "scheme": describe(recipe),
+        "method": cal.method,
+        "outputs": outputs,
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),
+        "blocks": [asdict(b) for b in result.log],
+        "provenance": provenance,
+    }
+    (out_dir / QUANT_LOG).write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return summary

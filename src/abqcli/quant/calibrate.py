@@ -1,0 +1,372 @@
+"""The block-wise ABQ calibration loop (DESIGN §4, "The loop").
+
+For each decoder block, in order:
+1. teacher outputs: Y_1 = FP block on the FP-chain input, Y_2 = FP block on the quantized-chain input;
+2. build the trainable quantized block: LET / compensation (`BlockTransform`), LWC factors per linear;
+3. train with AdamW on the distribution-correction loss (`loss.block_loss`);
+4. fold LET, compensation and LWC into the weights; keep integer codes and (scale, zero) per linear;
+5. run the folded quantized block to produce the next block's quantized-chain input;
+6. write a checkpoint, so that an interrupted run resumes at the next block.
+
+Method `rtn` skips 2-3: the weights are rounded to nearest as they are.
+Only one block is on the compute device at a time; the chain inputs stay on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.func import functional_call
+
+from abqcli.errors import InputError, RunError
+from abqcli.models.adapters import Adapter
+from abqcli.quant.fakequant import QuantLinear, wrap_block_linears
+from abqcli.quant.loss import block_loss
+from abqcli.quant.quantizer import FP_BITS, LayerQuant, QuantizedWeight, fake_quantize_weight, quantize_weight
+from abqcli.quant.transforms import BlockTransform, collect_activation_stats
+from abqcli.recipe import Recipe
+
+CHECKPOINT_STATE = "state.json"
+
+
+@dataclass
+class BlockLog:
+    """What one block's calibration did (one entry of quant_log.json)."""
+
+    block: int
+    loss_first: float | None
+    loss_last: float | None
+    seconds: float
+    peak_memory_mb: float
+    loss_terms_last: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationResult:
+    quantized: dict[str, QuantizedWeight]  # full linear name -> integer state
+    layers: dict[str, LayerQuant]
+    kv_bits: int
+    log: list[BlockLog]
+    fingerprint: str
+
+
+class Progress:
+    """Callbacks the loop reports through; the CLI renders them with rich. Default: silent."""
+
+    def block_start(self, block: int, num_blocks: int, steps: int) -> None: ...
+
+    def step(self, block: int, epoch: int, step: int, loss: float) -> None: ...
+
+    def block_end(self, log: BlockLog) -> None: ...
+
+
+class _StopForward(Exception):
+    pass
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def capture_block_inputs(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The first block's input hidden states for every window, [n, T, H] on the CPU, and the keyword
+    arguments the model passes to its blocks (position embeddings, mask; the same for every window)."""
+    first = adapter.blocks(model)[0]
+    hidden: list[torch.Tensor] = []
+    shared: dict = {}
+
+    def grab(_module, args, kwargs):
+        hidden.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+        if not shared:
+            shared.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "use_cache")})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for window in windows:
+                try:
+                    model(window.unsqueeze(0).to(device))
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(hidden), _to_device(shared, "cpu")
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _batches(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int, device) -> torch.Tensor:
+    return torch.cat([block(inputs[b].to(device), **kwargs).cpu() for b in _batches(len(inputs), batch_size)])
+
+
+def _attention(block: nn.Module, adapter: Adapter) -> nn.Module:
+    return block.get_submodule(adapter.attention)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+class BlockCalibrator:
+    """Trains and folds one block. Holds the learnable LET/compensation/LWC parameters."""
+
+    def __init__(self, qblock: nn.Module, fp_block: nn.Module, qlinears: dict[str, QuantLinear],
+                 adapter: Adapter, recipe: Recipe, stats, use_shift: bool, compensate: bool):
+        cal = recipe.calibration
+        self.qblock, self.fp_block, self.qlinears, self.adapter = qblock, fp_block, qlinears, adapter
+        self.recipe = recipe
+        train = cal.method == "abq"
+        self.transform = BlockTransform(
+            qblock, adapter, stats if (train and cal.let.enabled) else None,
+            let=train and cal.let.enabled, alpha=cal.let.alpha, shift=use_shift,
+            compensation=train and compensate,
+        )
+        self.lwc: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        if train and cal.lwc.enabled:
+            for rel, lin in qlinears.items():
+                shape = (lin.out_features, lin.quant.weight.num_groups(lin.in_features))
+                init = torch.full(shape, cal.lwc.init, device=lin.weight.device)
+                self.lwc[rel] = (nn.Parameter(init.clone()), nn.Parameter(init.clone()))
+
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        cal = self.recipe.calibration
+        groups = [
+            {"params": self.transform.let_parameters(), "lr": cal.let.lr},
+            {"params": [p for pair in self.lwc.values() for p in pair], "lr": cal.lwc.lr},
+            {"params": self.transform.compensation_parameters(), "lr": cal.compensation.lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
+
+    def quantized_params(self) -> dict[str, torch.Tensor]:
+        """Transformed block parameters with every quantized linear's weight fake-quantized (differentiable)."""
+        params = dict(self.transform.transformed_params())
+        for rel, lin in self.qlinears.items():
+            key = f"{rel}.weight"
+            params[key] = fake_quantize_weight(params.get(key, lin.weight), lin.quant.weight, self.lwc.get(rel))
+        return params
+
+    @torch.no_grad()
+    def fold(self) -> dict[str, QuantizedWeight]:
+        """Write transformed, quantized-dequantized weights into the block; return the integer states."""
+        params = dict(self.transform.transformed_params())
+        named = dict(self.qblock.named_parameters())
+        states: dict[str, QuantizedWeight] = {}
+        for rel, lin in self.qlinears.items():
+            key = f"{rel}.weight"
+            state = quantize_weight(params.get(key, lin.weight), lin.quant.weight, self.lwc.get(rel))
+            states[rel] = state
+            params[key] = state.dequantize()
+        for key, value in params.items():
+            named[key].copy_(value.to(named[key].dtype))
+        return states
+
+
+class Calibrator:
+    """Runs the loop over all blocks with checkpoints (see module docstring)."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, recipe: Recipe, windows: torch.Tensor,
+                 checkpoint_dir: Path, device: torch.device, progress: Progress | None = None):
+        self.model, self.adapter, self.recipe, self.windows = model, adapter, recipe, windows
+        self.checkpoint_dir = checkpoint_dir
+        self.device = device
+        self.progress = progress or Progress()
+        self.blocks = adapter.blocks(model)
+        self.kv_bits = recipe.kv_bits
+        cal = recipe.calibration
+        self.use_shift = cal.let.shift is True or (
+            cal.let.shift == "auto" and adapter.family == "opt" and recipe.activations.bits < FP_BITS
+        )
+
+    # ---------------------------------------------------------------- fingerprint and checkpoints
+    def fingerprint(self) -> str:
+        """sha256 over the model weights, the recipe fields that change the result, and the data."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+        relevant = {k: v for k, v in self.recipe.to_dict().items() if k not in ("output", "eval")}
+        digest.update(json.dumps(relevant, sort_keys=True).encode())
+        digest.update(self.windows.numpy().tobytes())
+        return digest.hexdigest()
+
+    def _state_path(self) -> Path:
+        return self.checkpoint_dir / CHECKPOINT_STATE
+
+    def _load_state(self, fingerprint: str) -> dict:
+        path = self._state_path()
+        if not path.is_file():
+            raise InputError(f"nothing to resume: no checkpoint at {path}")
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != fingerprint:
+            raise InputError(
+                "cannot resume: the checkpoint was made with a different model, recipe or calibration data "
+                f"({path}); run without --resume (and --overwrite) to start again"
+            )
+        return state
+
+    def _save_block(self, index: int, qblock: nn.Module, states: dict[str, QuantizedWeight],
+                    state: dict) -> None:
+        tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in qblock.state_dict().items()}
+        for rel, qw in states.items():
+            tensors[f"codes.{rel}"] = qw.codes.cpu().contiguous()
+            tensors[f"scale.{rel}"] = qw.scale.cpu().contiguous()
+            tensors[f"zero.{rel}"] = qw.zero.cpu().contiguous()
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(self.checkpoint_dir / f"block_{index:04d}.safetensors"))
+        tmp = self._state_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self._state_path())  # atomic: a kill leaves the previous state intact
+
+    def _load_block(self, index: int, qblock: nn.Module, qlinears: dict[str, QuantLinear]):
+        tensors = load_file(str(self.checkpoint_dir / f"block_{index:04d}.safetensors"))
+        qblock.load_state_dict({k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
+        return {rel: QuantizedWeight(tensors[f"codes.{rel}"], tensors[f"scale.{rel}"], tensors[f"zero.{rel}"],
+                                     lin.quant.weight) for rel, lin in qlinears.items()}
+
+    # ---------------------------------------------------------------- the loop
+    def run(self, resume: bool = False) -> CalibrationResult:
+        fingerprint = self.fingerprint()
+        state = self._load_state(fingerprint) if resume else {"fingerprint": fingerprint, "done": [], "log": []}
+        if not resume and self.checkpoint_dir.exists():
+            for stale in self.checkpoint_dir.glob("*"):
+                stale.unlink()
+        fp_in, kwargs = capture_block_inputs(self.model, self.adapter, self.windows)
+        q_in = fp_in
+        quantized: dict[str, QuantizedWeight] = {}
+        layers: dict[str, LayerQuant] = {}
+        logs = [BlockLog(**entry) for entry in state["log"]]
+        for index in range(len(self.blocks)):
+            block = self.blocks[index]
+            prefix = self.adapter.block_prefix(index)
+            block.to(self.device)
+            dtype = next(block.parameters()).dtype
+            block.float()
+            fp_block = copy.deepcopy(block)
+            _attention(fp_block, self.adapter).abq_kv_bits = FP_BITS
+            qlinears = self._wrap(block, prefix)
+            _attention(block, self.adapter).abq_kv_bits = self.kv_bits
+            dev_kwargs = _to_device(kwargs, self.device)
+            fp_out = _run_block(fp_block, fp_in, dev_kwargs, self.recipe.calibration.batch_size, self.device)
+            if index < len(state["done"]):
+                states = self._load_block(index, block, qlinears)
+            else:
+                states, log = self._calibrate_block(index, block, fp_block, qlinears, fp_in, q_in, fp_out, dev_kwargs)
+                logs.append(log)
+            q_out = _run_block(block, q_in, dev_kwargs, self.recipe.calibration.batch_size, self.device)
+            hashes = {"fp": tensor_hash(fp_out), "q": tensor_hash(q_out)}
+            if index < len(state["done"]):
+                if state["done"][index] != hashes:
+                    raise RunError(f"cannot resume: block {index} reproduces different outputs than the "
+                                   "checkpoint recorded (different torch build or thread count?)")
+            else:
+                state["done"].append(hashes)
+                state["log"] = [asdict(entry) for entry in logs]
+                self._save_block(index, block, states, state)
+                self.progress.block_end(logs[-1])
+            for rel, qw in states.items():
+                quantized[f"{prefix}.{rel}"] = qw
+                layers[f"{prefix}.{rel}"] = qlinears[rel].quant
+            block.to(dtype).to("cpu")
+            del fp_block
+            fp_in, q_in = fp_out, q_out
+        return CalibrationResult(quantized, layers, self.kv_bits, logs, fingerprint)
+
+    def _wrap(self, block: nn.Module, prefix: str) -> dict[str, QuantLinear]:
+        wrapped = wrap_block_linears(block, self.adapter, prefix, self.recipe.layer_quant)
+        for rel, lin in wrapped.items():
+            group = lin.quant.weight.group_size
+            if group is not None and group > lin.in_features:
+                raise InputError(f"weights.group_size {group} is larger than the input size "
+                                 f"({lin.in_features}) of {prefix}.{rel}")
+        return wrapped
+
+    def _calibrate_block(self, index, qblock, fp_block, qlinears, fp_in, q_in, fp_out, kwargs):
+        cal = self.recipe.calibration
+        start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for p in qblock.parameters():
+            p.requires_grad_(False)
+        train = cal.method == "abq"
+        stats = None
+        if train and cal.let.enabled:
+            stats = collect_activation_stats(
+                fp_block, self.adapter,
+                [((fp_in[b].to(self.device),), kwargs) for b in _batches(len(fp_in), cal.batch_size)],
+            )
+        compensate = index < cal.compensation.first or index >= len(self.blocks) - cal.compensation.last
+        calib = BlockCalibrator(qblock, fp_block, qlinears, self.adapter, self.recipe, stats, self.use_shift,
+                                cal.compensation.enabled and compensate)
+        optimizer = calib.optimizer() if train else None
+        losses: list[float] = []
+        terms: dict[str, float] = {}
+        if optimizer is not None:
+            fp_on_q = _run_block(fp_block, q_in, kwargs, cal.batch_size, self.device)
+            batches = _batches(len(q_in), cal.batch_size)
+            self.progress.block_start(index, len(self.blocks), self.recipe.epochs * len(batches))
+            for epoch in range(self.recipe.epochs):
+                for step, b in enumerate(batches):
+                    loss, terms = self._step(calib, b, q_in, fp_in, fp_out, fp_on_q, kwargs)
+                    if not math.isfinite(loss.item()):
+                        raise RunError(
+                            f"non-finite loss at block {index}, epoch {epoch}, step {step}; the last good "
+                            f"checkpoint is in {self.checkpoint_dir} (blocks 0..{index - 1}); try lower learning "
+                            "rates, then resume with --resume"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                    self.progress.step(index, epoch, step, loss.item())
+        states = calib.fold()
+        log = BlockLog(index, losses[0] if losses else None, losses[-1] if losses else None,
+                       round(time.perf_counter() - start, 3), round(_peak_memory_mb(self.device), 1), terms)
+        return states, log
+
+    def _step(self, calib: BlockCalibrator, b: slice, q_in, fp_in, fp_out, fp_on_q, kwargs):
+        dev = self.device
+        attn_q = _attention(calib.qblock, self.adapter)
+        attn_fp = _attention(calib.fp_block, self.adapter)
+        want_kl = self.recipe.calibration.loss.attention_kl
+        p_1 = None
+        if want_kl:
+            attn_fp.abq_record_probs = True
+            with torch.no_grad():
+                calib.fp_block(fp_in[b].to(dev), **kwargs)
+            p_1, attn_fp.abq_probs, attn_fp.abq_record_probs = attn_fp.abq_probs, None, False
+        attn_q.abq_record_probs = want_kl
+        try:
+            y_q = functional_call(calib.qblock, calib.quantized_params(), (q_in[b].to(dev),), kwargs)
+        finally:
+            attn_q.abq_record_probs = False
+        p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
+        return block_loss(y_q, fp_out[b].to(dev), fp_on_q[b].to(dev), p_q, p_1, self.recipe.calibration.loss)
+
