@@ -195,6 +195,8 @@ __device__ __forceinline__ void btc_mma_body(
 #pragma unroll
                 for (int q = 0; q < 4; ++q) d[t][u][q] = 0;
 
+        // unrolled so that the loads of several steps are in flight before their mma (GEMV is latency bound)
+#pragma unroll 4
         for (int k0 = kbeg; k0 < kend; k0 += KWORDS) {
             if constexpr (KWORDS == BTC_K256_WORDS) {
                 const int wo = k0 + 2 * tig;

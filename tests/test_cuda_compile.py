@@ -26,7 +26,10 @@ def _nvcc() -> str | None:
     found = shutil.which("nvcc")
     if found:
         return found
-    for cand in ("/usr/local/cuda/bin/nvcc", os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin/nvcc")):
+    for cand in (
+        "/usr/local/cuda/bin/nvcc",
+        os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "bin/nvcc"),
+    ):
         if os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     return None
@@ -56,15 +59,21 @@ def test_expected_entry_points_exist():
             assert f"BTC_MMA_ENTRIES(BTC_K{kwords * 32}_WORDS, {mt}, {nt}, {suffix})" in text
     assert {"btc_popc_acc", "btc_epilogue_f32", "btc_epilogue_f16"} <= names
     assert {"btc_quant_pack_f32", "btc_quant_pack_f16"} <= set(_entry_points(CUDA_DIR / "btc_pack.cu"))
-    for key, value in {"BTC_MMA_M": bc.MMA_M, "BTC_MMA_N": bc.MMA_N, "BTC_K256_WORDS": bc.K256_WORDS,
-                       "BTC_K128_WORDS": bc.K128_WORDS}.items():
+    for key, value in {
+        "BTC_MMA_M": bc.MMA_M,
+        "BTC_MMA_N": bc.MMA_N,
+        "BTC_K256_WORDS": bc.K256_WORDS,
+        "BTC_K128_WORDS": bc.K128_WORDS,
+    }.items():
         assert f"#define {key} {value}\n" in text, f"{key} out of sync with abqcli.btc.cuda"
 
 
 def test_no_headers_nvrtc_lacks():
     for src in SOURCES:
         for line in src.read_text().splitlines():
-            assert not line.strip().startswith("#include"), f"{src.name}: {line.strip()} (keep sources header-free)"
+            assert not line.strip().startswith("#include"), (
+                f"{src.name}: {line.strip()} (keep sources header-free)"
+            )
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (nor in /usr/local/cuda/bin)")
@@ -72,8 +81,18 @@ def test_no_headers_nvrtc_lacks():
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
 def test_nvcc_cubin(src: Path, arch: str, tmp_path: Path):
     out = tmp_path / f"{src.stem}.sm_{arch}.cubin"
-    cmd = [NVCC, "-std=c++17", "-cubin", f"-arch=sm_{arch}", "-Werror", "all-warnings", "-o", str(out), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [
+        NVCC,
+        "-std=c++17",
+        "-cubin",
+        f"-arch=sm_{arch}",
+        "-Werror",
+        "all-warnings",
+        "-o",
+        str(out),
+        str(src),
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert out.stat().st_size > 0
 
@@ -93,7 +112,7 @@ def _find_nvrtc() -> str | None:
     for base in ("/usr/local/cuda/lib64", "/usr/local/cuda/lib", "/usr/lib/x86_64-linux-gnu"):
         cands += glob.glob(os.path.join(base, "libnvrtc.so*"))
     cands = [c for c in cands if "builtins" not in os.path.basename(c)]
-    return sorted(cands)[0] if cands else None
+    return min(cands) if cands else None
 
 
 NVRTC = _find_nvrtc()
@@ -119,5 +138,7 @@ def _nvrtc_compile(lib_path: str, source: str, options: list[str]) -> tuple[int,
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
 def test_nvrtc_compiles(src: Path, arch: str):
     # the options CuPy's RawModule ends up with: ours, its -ftz=true, and an arch
-    rc, log = _nvrtc_compile(NVRTC, src.read_text(), ["-std=c++17", "-ftz=true", f"--gpu-architecture=sm_{arch}"])
+    rc, log = _nvrtc_compile(
+        NVRTC, src.read_text(), ["-std=c++17", "-ftz=true", f"--gpu-architecture=sm_{arch}"]
+    )
     assert rc == 0, log

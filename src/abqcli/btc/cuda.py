@@ -103,7 +103,14 @@ class Geometry:
 
 
 def launch_geometry(
-    pa: int, m: int, pw: int, n: int, kw: int, gw: int, groups: int, float_out: bool,
+    pa: int,
+    m: int,
+    pw: int,
+    n: int,
+    kw: int,
+    gw: int,
+    groups: int,
+    float_out: bool,
     tile: tuple[int, int] | None = None,
 ) -> Geometry:
     mt, nt = tile or pick_tile(pa, m, pw, n)
@@ -121,8 +128,16 @@ def launch_geometry(
     n_chunks = -(-n // nc)
     grid = (-(-m // mc), -(-n_chunks // warps), 1)
     return Geometry(
-        mt=mt, nt=nt, kwords=k_words_per_step(kw, gw, groups), mc=mc, nc=nc, warps=warps, grid=grid,
-        block=(WARP * warps, 1, 1), smem_per_warp=per_warp, smem=per_warp * warps,
+        mt=mt,
+        nt=nt,
+        kwords=k_words_per_step(kw, gw, groups),
+        mc=mc,
+        nc=nc,
+        warps=warps,
+        grid=grid,
+        block=(WARP * warps, 1, 1),
+        smem_per_warp=per_warp,
+        smem=per_warp * warps,
     )
 
 
@@ -147,7 +162,7 @@ def cuda_source_dir() -> Path:
 
 
 def _import_cupy():
-    import cupy  # noqa: PLC0415  (optional dependency)
+    import cupy
 
     return cupy
 
@@ -156,29 +171,35 @@ def available() -> tuple[bool, str]:
     """(True, device description) when CuPy imports and an sm_80+ GPU is visible, else (False, reason)."""
     try:
         cp = _import_cupy()
-    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+    except Exception as exc:  # noqa: BLE001  (ImportError, or a CUDA library that fails to load)
         return False, f"CuPy is not importable ({type(exc).__name__}: {exc})".splitlines()[0]
     try:
         count = cp.cuda.runtime.getDeviceCount()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (CUDARuntimeError when no driver/device)
         return False, f"no CUDA device visible ({type(exc).__name__})"
     if count < 1:
         return False, "no CUDA device visible"
     try:
         arch = int(cp.cuda.Device().compute_capability)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         return False, f"cannot query the CUDA device ({type(exc).__name__})"
     if arch < MIN_ARCH:
         return False, f"the GPU is sm_{arch}; the BTC kernels need sm_{MIN_ARCH} or newer"
     return True, f"sm_{arch}, {count} device(s)"
 
 
+_READY = False  # set once available() has said yes (it is not asked again on every launch)
+
+
 def _require():
-    ok, reason = available()
-    if not ok:
-        if reason.startswith("the GPU is sm_"):
-            raise InputError(f"--backend cupy: {reason}; use --backend cpu")
-        raise InputError(NEEDS_GPU)
+    global _READY
+    if not _READY:
+        ok, reason = available()
+        if not ok:
+            if reason.startswith("the GPU is sm_"):
+                raise InputError(f"--backend cupy: {reason}; use --backend cpu")
+            raise InputError(NEEDS_GPU)
+        _READY = True
     return _import_cupy()
 
 
@@ -204,7 +225,7 @@ def _function(source: str, name: str):
             try:
                 mod = cp.RawModule(code=code, options=("-std=c++17", f"--gpu-architecture=sm_{arch}"))
                 mod.get_function(name)  # RawModule compiles lazily: force it here
-            except Exception:
+            except Exception:  # noqa: BLE001  (retry without the explicit target)
                 mod = cp.RawModule(code=code, options=("-std=c++17",))
             _MODULES[mkey] = mod
         fn = mod.get_function(name)
@@ -269,8 +290,20 @@ def _launch_acc(a: torch.Tensor, w: torch.Tensor, gw: int, groups: int, kernel: 
     pa, m, kw = a.shape
     pw, n, _ = w.shape
     acc = torch.empty((m, n, groups), dtype=torch.int32, device=a.device)
-    args_head = (_cp(a), cp.int32(pa), cp.int32(m), _cp(w), cp.int32(pw), cp.int32(n), cp.int32(kw),
-                 cp.int32(gw), cp.int32(groups), _cp(acc))
+    if acc.numel() == 0:
+        return acc
+    args_head = (
+        _cp(a),
+        cp.int32(pa),
+        cp.int32(m),
+        _cp(w),
+        cp.int32(pw),
+        cp.int32(n),
+        cp.int32(kw),
+        cp.int32(gw),
+        cp.int32(groups),
+        _cp(acc),
+    )
     if kernel == "popc":
         fn = _function("btc_gemm.cu", "btc_popc_acc")
         fn((m, -(-n // POPC_THREADS), 1), (POPC_THREADS, 1, 1), args_head)
@@ -307,8 +340,8 @@ def int_gemm_planes(
 
 def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int):
     """x contiguous fp32/fp16 [M, K] on the GPU -> (planes, scale, zero, sums) on the same device."""
-    from abqcli.btc.format import num_planes, padded_k  # noqa: PLC0415
-    from abqcli.quant.quantizer import qmax_for  # noqa: PLC0415
+    from abqcli.btc.format import num_planes, padded_k
+    from abqcli.quant.quantizer import qmax_for
 
     cp = _import_cupy()
     m = x.shape[0]
@@ -324,10 +357,25 @@ def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int):
         return planes, scale, zero, sums
     name = "btc_quant_pack_f16" if x.dtype == torch.float16 else "btc_quant_pack_f32"
     fn = _function("btc_pack.cu", name)
-    fn((m, 1, 1), (PACK_THREADS, 1, 1),
-       (_cp(x), cp.int32(m), cp.int32(k), cp.int32(qmax), cp.int32(pa), cp.int32(kw), cp.int32(gw),
-        cp.int32(groups), _cp(planes), _cp(scale), _cp(zero), _cp(sums)),
-       shared_mem=4 * groups)
+    fn(
+        (m, 1, 1),
+        (PACK_THREADS, 1, 1),
+        (
+            _cp(x),
+            cp.int32(m),
+            cp.int32(k),
+            cp.int32(qmax),
+            cp.int32(pa),
+            cp.int32(kw),
+            cp.int32(gw),
+            cp.int32(groups),
+            _cp(planes),
+            _cp(scale),
+            _cp(zero),
+            _cp(sums),
+        ),
+        shared_mem=4 * groups,
+    )
     return planes, scale, zero, sums
 
 
@@ -340,7 +388,7 @@ def quantize_pack_activations(x: torch.Tensor, bits: int, group_size: int | None
     _require()
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {list(x.shape)}")
-    from abqcli.btc.format import padded_k  # noqa: PLC0415
+    from abqcli.btc.format import padded_k
 
     k = x.shape[1]
     kw = padded_k(k) // WORD_BITS
@@ -386,8 +434,9 @@ def _device_weight(w, device: torch.device) -> _DeviceWeight:
     return dw
 
 
-def btc_linear(x: torch.Tensor, w, act_bits: int, bias: torch.Tensor | None = None,
-               kernel: str = "mma") -> torch.Tensor:
+def btc_linear(
+    x: torch.Tensor, w, act_bits: int, bias: torch.Tensor | None = None, kernel: str = "mma"
+) -> torch.Tensor:
     """The packed linear layer on the GPU: x [..., K] -> [..., N] in x's dtype, on x's device.
 
     Same contract as `abqcli.btc.gemm.btc_linear` with backend "cpu": per-token activation quantization
@@ -395,8 +444,8 @@ def btc_linear(x: torch.Tensor, w, act_bits: int, bias: torch.Tensor | None = No
     (dequantized weight, float matmul). kernel "mma" fuses the epilogue into the tensor-core GEMM;
     "popc" runs the popcount GEMM and the stand-alone epilogue kernel.
     """
-    from abqcli.btc.gemm import _check_btc_group, check_int32_bound  # noqa: PLC0415
-    from abqcli.quant.quantizer import FP_BITS, qmax_for  # noqa: PLC0415
+    from abqcli.btc.gemm import _check_btc_group, check_int32_bound
+    from abqcli.quant.quantizer import FP_BITS, qmax_for
 
     cp = _require()
     if x.shape[-1] != w.in_features:
@@ -425,21 +474,44 @@ def btc_linear(x: torch.Tensor, w, act_bits: int, bias: torch.Tensor | None = No
             has_bias = bias is not None
             b = _on(bias, device, torch.float32) if has_bias else a_scale  # any float array as a stand-in
             gsize = w.group_size or k
-            epi = (_cp(a_scale), _cp(a_zero), _cp(a_sums), _cp(dw.scale), _cp(dw.zero), _cp(dw.code_sums),
-                   _cp(b), cp.int32(int(has_bias)), cp.int32(k), cp.int32(gsize), _cp(y))
+            epi = (
+                _cp(a_scale),
+                _cp(a_zero),
+                _cp(a_sums),
+                _cp(dw.scale),
+                _cp(dw.zero),
+                _cp(dw.code_sums),
+                _cp(b),
+                cp.int32(int(has_bias)),
+                cp.int32(k),
+                cp.int32(gsize),
+                _cp(y),
+            )
             out_kind = "f16" if half else "f32"
             if kernel == "mma":
                 geo = launch_geometry(pa, m, pw, n, kw, gw, groups, float_out=True)
                 fn = _function("btc_gemm.cu", f"btc_mma_{out_kind}_{geo.kernel_suffix}")
-                head = (_cp(a_planes), cp.int32(pa), cp.int32(m), _cp(dw.planes), cp.int32(pw), cp.int32(n),
-                        cp.int32(kw), cp.int32(gw), cp.int32(groups))
+                head = (
+                    _cp(a_planes),
+                    cp.int32(pa),
+                    cp.int32(m),
+                    _cp(dw.planes),
+                    cp.int32(pw),
+                    cp.int32(n),
+                    cp.int32(kw),
+                    cp.int32(gw),
+                    cp.int32(groups),
+                )
                 fn(geo.grid, geo.block, head + epi, shared_mem=geo.smem)
             elif kernel == "popc":
                 acc = _launch_acc(a_planes, dw.planes, gw, groups, "popc")
                 fn = _function("btc_gemm.cu", f"btc_epilogue_{out_kind}")
                 total = m * n
-                fn((-(-total // EPILOGUE_THREADS), 1, 1), (EPILOGUE_THREADS, 1, 1),
-                   (_cp(acc), cp.int32(m), cp.int32(n), cp.int32(groups)) + epi)
+                fn(
+                    (-(-total // EPILOGUE_THREADS), 1, 1),
+                    (EPILOGUE_THREADS, 1, 1),
+                    (_cp(acc), cp.int32(m), cp.int32(n), cp.int32(groups)) + epi,
+                )
             else:
                 raise ValueError(f"unknown kernel {kernel!r} (expected 'mma' or 'popc')")
     y = y.reshape(*lead, n)

@@ -39,7 +39,9 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of the asymmetric quantizer for a range (differentiable through STE)."""
-    scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+    # divide by a tensor, not a Python scalar: on CUDA torch turns a scalar division into a multiply by
+    # its reciprocal, which differs in the last bit from the true division the kernels and CPU use
+    scale = ((xmax - xmin) / torch.full_like(xmax, qmax)).clamp(SCALE_MIN, SCALE_MAX)
     zero = round_ste(-xmin / scale)
     return scale, zero
 
