@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from abqcli import __version__
-from abqcli.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, AbqError, InputError
+from abqcli.errors import EXIT_RUNTIME, AbqError, InputError
 
 HELP = """abq: arbitrary-bit (ABQ-LLM) quantization of LLMs into the BTC bit-plane format.
 
@@ -191,7 +190,7 @@ def recipe_show(
     """Print the resolved recipe (defaults filled in) as YAML."""
     from abqcli.recipe import dump_recipe, load_recipe
 
-    out.print(dump_recipe(load_recipe(spec, sets)), markup=False, highlight=False, end="")
+    out.print(dump_recipe(load_recipe(spec, sets)), markup=False, highlight=False, end="", soft_wrap=True)
 
 
 @recipe_app.command("validate")
@@ -202,7 +201,7 @@ def recipe_validate(
     """Check a recipe; exit 0 if valid, 2 with the offending key path if not."""
     from abqcli.recipe import describe, load_recipe
 
-    out.print(f"ok: {spec} ({describe(load_recipe(spec, sets))})", markup=False, highlight=False)
+    out.print(f"ok: {spec} ({describe(load_recipe(spec, sets))})", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.callback(invoke_without_command=True)
@@ -213,17 +212,18 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: every error becomes one line on stderr and an exit code."""
+    """Console entry point: every error becomes one line on stderr and an exit code.
+
+    Usage errors, --help and Ctrl-C are handled by typer (standalone mode, which ends in SystemExit);
+    abq's own errors carry their exit code; anything else is reported in one line, exit 1.
+    """
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="abq", standalone_mode=False)
+        command.main(args=argv, prog_name="abq", standalone_mode=True)
         return 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_BAD_INPUT if exc.exit_code == 2 else exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_RUNTIME)
+    except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         return 130
     except AbqError as exc:

@@ -80,7 +80,8 @@ def load_text(dataset: str, split: str = "test", directory: str | os.PathLike | 
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as fh:  # as it is: no newline translation
+            return fh.read()
     except UnicodeDecodeError as exc:
         raise InputError(f"data file is not UTF-8 text: {path}") from exc
 

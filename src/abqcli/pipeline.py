@@ -28,16 +28,44 @@ CHECKPOINT_DIR = "checkpoint"
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing output unless asked; resuming needs the checkpoint."""
+    """Refuse to clobber an existing output unless asked; resuming needs the checkpoint.
+    Only checks: `clear_output_dir` removes the old output once every other input check has passed."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output path exists and is not a directory: {out_dir}")
     if resume:
         if not (out_dir / CHECKPOINT_DIR).is_dir():
             raise InputError(f"nothing to resume in {out_dir} (no {CHECKPOINT_DIR}/ there)")
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"output directory exists: {out_dir} (pass --overwrite to replace it, "
-                             "or --resume to continue an interrupted run)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"output directory exists: {out_dir} (pass --overwrite to replace it, "
+                         "or --resume to continue an interrupted run)")
+
+
+def clear_output_dir(out_dir: Path, resume: bool) -> None:
+    """With --overwrite (checked by `check_output_dir`): remove the previous output; never when resuming."""
+    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         shutil.rmtree(out_dir)
+
+
+def check_loss_terms(recipe: Recipe) -> None:
+    """ABQ training needs at least one loss term."""
+    cal = recipe.calibration
+    if cal.method == "abq" and not (cal.loss.mse or cal.loss.cosine or cal.loss.attention_kl):
+        raise InputError("calibration.loss: every term is off (mse, cosine, attention_kl); enable at least one, "
+                         "or use calibration.method: rtn")
+
+
+def check_group_sizes(recipe: Recipe, model, adapter) -> None:
+    """A weight group larger than a quantized linear's input size is a recipe error (before any output)."""
+    for index, block in enumerate(adapter.blocks(model)):
+        prefix = adapter.block_prefix(index)
+        for rel in adapter.linear_names(block):
+            quant = recipe.layer_quant(f"{prefix}.{rel}")
+            group = None if quant is None else quant.weight.group_size
+            in_features = block.get_submodule(rel).in_features
+            if group is not None and group > in_features:
+                raise InputError(f"weights.group_size {group} is larger than the input size ({in_features}) "
+                                 f"of {prefix}.{rel}")
 
 
 def check_overrides_match(recipe: Recipe, linear_names: list[str]) -> None:
@@ -86,20 +114,25 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
 
     out_dir = Path(recipe.output.dir)
     check_output_dir(out_dir, overwrite, resume)
+    check_loss_terms(recipe)
     cal = recipe.calibration
     device = torch.device(resolve_device(cal.device))
     model, tokenizer, source = load_model(recipe.model.path, recipe.model.dtype, "cpu",
                                           lambda cfg: check_seqlen(cal.seqlen, cfg))
     adapter = adapter_for(model)
     check_overrides_match(recipe, check_adapter_maps(model, adapter))
+    check_group_sizes(recipe, model, adapter)
     windows, text = calibration_windows(recipe, tokenizer, data_dir)
     set_kv_quant(model, adapter, 16)  # blocks run through abq's attention; FP until calibrated
+    clear_output_dir(out_dir, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe_yaml = dump_recipe(recipe)
-    (out_dir / "recipe.yaml").write_text(recipe_yaml)
+    if not resume:  # a resume writes it once the checkpoint's fingerprint has matched
+        (out_dir / "recipe.yaml").write_text(recipe_yaml)
     start = time.perf_counter()
     calibrator = Calibrator(model, adapter, recipe, windows, out_dir / CHECKPOINT_DIR, device, progress)
     result: CalibrationResult = calibrator.run(resume=resume)
+    (out_dir / "recipe.yaml").write_text(recipe_yaml)
     set_kv_quant(model, adapter, result.kv_bits)
     provenance = {
         "model": source.describe(),

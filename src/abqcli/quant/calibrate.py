@@ -37,11 +37,14 @@ from abqcli.quant.transforms import BlockTransform, collect_activation_stats
 from abqcli.recipe import Recipe
 
 CHECKPOINT_STATE = "state.json"
+TEACHER_PROBS_CACHE_BYTES = 1 << 30  # keep teacher attention maps for the whole block below this size
 
 
 @dataclass
 class BlockLog:
-    """What one block's calibration did (one entry of quant_log.json)."""
+    """What one block's calibration did (one entry of quant_log.json).
+
+    loss_first / loss_last: mean loss over the first / last epoch (None for RTN)."""
 
     block: int
     loss_first: float | None
@@ -126,6 +129,23 @@ def _run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size:
 
 def _attention(block: nn.Module, adapter: Adapter) -> nn.Module:
     return block.get_submodule(adapter.attention)
+
+
+@torch.no_grad()
+def _record_probs(block: nn.Module, adapter: Adapter, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Head-averaged attention probabilities of `block` on `inputs`."""
+    attn = _attention(block, adapter)
+    attn.abq_record_probs = True
+    try:
+        block(inputs, **kwargs)
+    finally:
+        attn.abq_record_probs = False
+    probs, attn.abq_probs = attn.abq_probs, None
+    return probs
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -326,15 +346,18 @@ class Calibrator:
         calib = BlockCalibrator(qblock, fp_block, qlinears, self.adapter, self.recipe, stats, self.use_shift,
                                 cal.compensation.enabled and compensate)
         optimizer = calib.optimizer() if train else None
-        losses: list[float] = []
+        epoch_losses: list[list[float]] = []
         terms: dict[str, float] = {}
         if optimizer is not None:
             fp_on_q = _run_block(fp_block, q_in, kwargs, cal.batch_size, self.device)
             batches = _batches(len(q_in), cal.batch_size)
+            teacher_probs = self._teacher_probs(fp_block, fp_in, batches, kwargs)
             self.progress.block_start(index, len(self.blocks), self.recipe.epochs * len(batches))
             for epoch in range(self.recipe.epochs):
+                epoch_losses.append([])
                 for step, b in enumerate(batches):
-                    loss, terms = self._step(calib, b, q_in, fp_in, fp_out, fp_on_q, kwargs)
+                    p_1 = teacher_probs[step] if teacher_probs else None
+                    loss, terms = self._step(calib, b, q_in, fp_in, fp_out, fp_on_q, kwargs, p_1)
                     if not math.isfinite(loss.item()):
                         raise RunError(
                             f"non-finite loss at block {index}, epoch {epoch}, step {step}; the last good "
@@ -344,24 +367,28 @@ class Calibrator:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    losses.append(loss.item())
+                    epoch_losses[-1].append(loss.item())
                     self.progress.step(index, epoch, step, loss.item())
         states = calib.fold()
-        log = BlockLog(index, losses[0] if losses else None, losses[-1] if losses else None,
+        first, last = (_mean(epoch_losses[0]), _mean(epoch_losses[-1])) if epoch_losses else (None, None)
+        log = BlockLog(index, first, last,
                        round(time.perf_counter() - start, 3), round(_peak_memory_mb(self.device), 1), terms)
         return states, log
 
-    def _step(self, calib: BlockCalibrator, b: slice, q_in, fp_in, fp_out, fp_on_q, kwargs):
+    def _teacher_probs(self, fp_block: nn.Module, fp_in: torch.Tensor, batches: list[slice], kwargs):
+        """P_1 for every batch, kept when small (heads are averaged: nsamples * T^2 floats), else None
+        and `_step` recomputes them per batch (DESIGN §4: long windows on big models)."""
+        n, t = fp_in.shape[:2]
+        if not self.recipe.calibration.loss.attention_kl or n * t * t * 4 > TEACHER_PROBS_CACHE_BYTES:
+            return None
+        return [_record_probs(fp_block, self.adapter, fp_in[b].to(self.device), kwargs) for b in batches]
+
+    def _step(self, calib: BlockCalibrator, b: slice, q_in, fp_in, fp_out, fp_on_q, kwargs, p_1=None):
         dev = self.device
         attn_q = _attention(calib.qblock, self.adapter)
-        attn_fp = _attention(calib.fp_block, self.adapter)
         want_kl = self.recipe.calibration.loss.attention_kl
-        p_1 = None
-        if want_kl:
-            attn_fp.abq_record_probs = True
-            with torch.no_grad():
-                calib.fp_block(fp_in[b].to(dev), **kwargs)
-            p_1, attn_fp.abq_probs, attn_fp.abq_record_probs = attn_fp.abq_probs, None, False
+        if want_kl and p_1 is None:
+            p_1 = _record_probs(calib.fp_block, self.adapter, fp_in[b].to(dev), kwargs)
         attn_q.abq_record_probs = want_kl
         try:
             y_q = functional_call(calib.qblock, calib.quantized_params(), (q_in[b].to(dev),), kwargs)

@@ -55,5 +55,8 @@ def block_loss(
     if spec.attention_kl and p_q is not None and p_1 is not None:
         terms["kl_fwd"] = causal_kl(p_1, p_q)
         terms["kl_rev"] = causal_kl(p_q, p_1)
+    if not terms:
+        raise ValueError("block_loss: every loss term is off (calibration.loss: enable mse, cosine or "
+                         "attention_kl)")
     total = torch.stack(list(terms.values())).sum()
     return total, {k: v.item() for k, v in terms.items()}

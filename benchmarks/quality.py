@@ -1,0 +1,167 @@
+"""Perplexity of SmolLM2-135M: FP vs RTN vs ABQ per scheme, calibration time and peak RSS, and an ablation.
+
+A benchmark script, not a test: it measures and writes numbers.
+
+    python benchmarks/quality.py --data-dir ../shared/data                 # the full protocol
+    python benchmarks/quality.py --schemes w4a4 --limit 4 --ablation none  # a quick look
+
+Each ABQ calibration runs `abq quantize` in a subprocess (so its peak RSS is its own), from the
+`configs/smollm2-*.yaml` recipes (calibration budget overridable with --nsamples/--seqlen/--epochs).
+Perplexity follows DESIGN §7 on wiki.test.raw: first --limit windows of --eval-seqlen tokens.
+Writes benchmarks/results/quality.json, quality.md and quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMES = {  # name -> recipe file
+    "W4A16g128": "configs/smollm2-w4a16-g128.yaml",
+    "W3A16g128": "configs/smollm2-w3a16-g128.yaml",
+    "W2*A16g64": "configs/smollm2-w2star-a16-g64.yaml",
+    "W4A8": "configs/smollm2-w4a8.yaml",
+    "W6A6": "configs/smollm2-w6a6.yaml",
+    "W4A4": "configs/smollm2-w4a4.yaml",
+    "W2*A8": "configs/smollm2-w2star-a8.yaml",
+}
+ABLATIONS = {  # name -> recipe overrides, applied to W4A4
+    "no MSE": ["calibration.loss.mse=false"],
+    "no cosine": ["calibration.loss.cosine=false"],
+    "no attention KL": ["calibration.loss.attention_kl=false"],
+    "no LWC": ["calibration.lwc.enabled=false"],
+    "no LET": ["calibration.let.enabled=false"],
+}
+
+
+def bits_per_weight(recipe) -> float:
+    """Stored bits per weight of the decoder linears: planes + fp32 scale and zero per group."""
+    from abqcli.btc.format import num_planes
+
+    w = recipe.weights
+    group = w.group_size or 576  # SmolLM2's hidden size: per-channel rows of the q/k/v/gate/up inputs
+    return num_planes(w.quant_spec().qmax) + 64 / group
+
+
+def evaluate(args, model: str, recipe_path: str | None = None, sets: list[str] | None = None) -> dict:
+    from abqcli.evaluate import EvalRequest, run_eval
+    from abqcli.recipe import load_recipe
+
+    recipe = load_recipe(str(ROOT / recipe_path), sets or []) if recipe_path else None
+    req = EvalRequest(model, "wikitext2", args.data_dir, args.eval_seqlen, args.limit, "auto", "float32", recipe)
+    result = run_eval(req)
+    print(f"  {result.mode}: ppl {result.ppl:.3f} ({result.windows} windows, {result.seconds:.0f} s)", flush=True)
+    return result.to_dict()
+
+
+def calibrate(args, recipe_path: str, sets: list[str], workdir: Path) -> dict:
+    """Run `abq quantize` in a subprocess; return its summary and the ABQ perplexity."""
+    out = workdir / f"run{len(list(workdir.iterdir()))}"
+    budget = [f"calibration.{k}={getattr(args, k)}" for k in ("nsamples", "seqlen", "epochs") if getattr(args, k)]
+    cmd = [sys.executable, "-m", "abqcli.cli", "quantize", str(ROOT / recipe_path), "--data-dir", args.data_dir,
+           "--output", str(out), "--set", "output.formats=[hf-fakequant]", "--json", str(out) + ".json"]
+    for s in budget + sets:
+        cmd += ["--set", s]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"abq quantize failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    summary = json.loads(Path(str(out) + ".json").read_text())
+    ppl = evaluate(args, str(out / "hf-fakequant"))
+    return {"calibration_seconds": round(wall, 1), "peak_rss_mb": summary["peak_memory_mb"],
+            "budget": budget, "ppl": ppl["ppl"], "eval": ppl}
+
+
+def markdown(results: dict) -> str:
+    fp = results["fp"]["ppl"]
+    lines = [f"SmolLM2-135M, wiki.test.raw, first {results['protocol']['windows']} windows x "
+             f"{results['protocol']['seqlen']} tokens. FP perplexity **{fp:.3f}**.", "",
+             "| scheme | bits/weight | RTN ppl | ABQ ppl | ABQ < RTN | calibration s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in results["schemes"].items():
+        lines.append(f"| {name} | {row['bits_per_weight']:.2f} | {row['rtn_ppl']:.3f} | {row['abq']['ppl']:.3f} | "
+                     f"{'yes' if row['abq']['ppl'] < row['rtn_ppl'] else 'NO'} | "
+                     f"{row['abq']['calibration_seconds']:.0f} | {row['abq']['peak_rss_mb']:.0f} |")
+    if results.get("ablation"):
+        lines += ["", "Ablation (W4A4):", "", "| variant | ABQ ppl | calibration s |", "|---|---|---|"]
+        for name, row in results["ablation"].items():
+            lines.append(f"| {name} | {row['ppl']:.3f} | {row['calibration_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, key, marker in (("RTN", "rtn_ppl", "x"), ("ABQ", None, "o")):
+        xs = [row["bits_per_weight"] for row in results["schemes"].values()]
+        ys = [row[key] if key else row["abq"]["ppl"] for row in results["schemes"].values()]
+        ax.scatter(xs, ys, marker=marker, label=method)
+        for x, y, name in zip(xs, ys, results["schemes"]):
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(results["fp"]["ppl"], color="gray", linestyle="--", label="FP")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (planes + scale/zero)")
+    ax.set_ylabel("wikitext-2 perplexity (log)")
+    ax.set_title("SmolLM2-135M: perplexity against bits per weight")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of " + ", ".join(SCHEMES))
+    parser.add_argument("--ablation", default="all", choices=["all", "none"])
+    parser.add_argument("--limit", type=int, default=16, help="evaluation windows")
+    parser.add_argument("--eval-seqlen", type=int, default=2048)
+    parser.add_argument("--nsamples", type=int, help="override the recipes' calibration windows")
+    parser.add_argument("--seqlen", type=int, help="override the recipes' calibration window length")
+    parser.add_argument("--epochs", type=int, help="override the recipes' epochs")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    from abqcli.recipe import load_recipe
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("FP", flush=True)
+    results = {"protocol": {"windows": args.limit, "seqlen": args.eval_seqlen, "data_dir": args.data_dir},
+               "fp": evaluate(args, "smollm2-135m"), "schemes": {}, "ablation": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for name in args.schemes.split(","):
+            recipe_path = SCHEMES[name]
+            print(name, flush=True)
+            rtn = evaluate(args, "smollm2-135m", recipe_path)
+            abq = calibrate(args, recipe_path, [], workdir)
+            recipe = load_recipe(str(ROOT / recipe_path))
+            results["schemes"][name] = {"recipe": recipe_path, "bits_per_weight": bits_per_weight(recipe),
+                                        "rtn_ppl": rtn["ppl"], "abq": abq}
+            (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
+        if args.ablation == "all":
+            for name, sets in ABLATIONS.items():
+                print(f"W4A4 {name}", flush=True)
+                results["ablation"][name] = calibrate(args, SCHEMES["W4A4"], sets, workdir)
+                (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "quality.md").write_text(markdown(results))
+    plot(results, out / "quality.png")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
