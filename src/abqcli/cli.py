@@ -132,6 +132,9 @@ class RichCalibrationProgress:
 
     def block_start(self, block: int, num_blocks: int, steps: int) -> None:
         self.task = self.progress.add_task(f"block {block + 1}/{num_blocks}", total=steps, info="")
+        if self.progress.disable:  # not a terminal: one plain line per block start and end
+            self.progress.console.print(f"block {block}/{num_blocks}: training {steps} steps", markup=False,
+                                        highlight=False)
 
     def step(self, block: int, epoch: int, step: int, loss: float) -> None:
         if self.task is not None:
@@ -180,6 +183,95 @@ def quantize_cmd(
     rows.update({f"output {k}": v for k, v in summary["outputs"].items()})
     out.print(_table("abq quantize", rows))
     _write_json(json_path, summary)
+
+
+@app.command("pack")
+def pack_cmd(
+    directory: Annotated[Path, typer.Argument(help="An hf-fakequant output directory of abq quantize.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the abq-packed export.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+) -> None:
+    """Pack an hf-fakequant output into the BTC bit-plane format (abq-packed)."""
+    from abqcli.export import pack_fakequant
+
+    written = pack_fakequant(directory, output, overwrite)
+    out.print(f"wrote {written}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("verify")
+def verify_cmd(
+    directory: Annotated[Path, typer.Argument(help="An abq-packed export (or an output dir holding one).")],
+    backend: Annotated[str, typer.Option(help="GEMM backend to verify: cpu or cupy (needs a GPU).")] = "cpu",
+    dataset: DatasetOpt = "wikitext2",
+    data_dir: DataDirOpt = None,
+    windows: Annotated[int, typer.Option(help="Windows for the logits / perplexity comparison.")] = 2,
+    seqlen: Annotated[Optional[int], typer.Option(help="Window length (default min(512, context)).")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Prove a packed export computes what its fake-quant model computes.
+
+    Per quantized linear: the packed integer GEMM on captured real inputs must equal the exact integer
+    reference bit for bit, and the float output must match the fake-quant layer. End to end: logits
+    (max relative difference) and perplexity against fake-quant. Exit 1 on any failure.
+    """
+    from abqcli.errors import RunError
+    from abqcli.verify import verify_export
+
+    with _progress() as progress:
+        progress.add_task("verifying", total=None, info="")
+        report = verify_export(directory, backend, data_dir, dataset, windows, seqlen)
+    summary = {k: v for k, v in report.to_dict().items() if k != "layers"}
+    out.print(_table("abq verify", summary))
+    _write_json(json_path, report.to_dict())
+    if not report.ok:
+        raise RunError("verification failed: " + "; ".join(report.problems))
+
+
+@app.command("inspect")
+def inspect_cmd(
+    directory: Annotated[Path, typer.Argument(help="An abq-packed export (or an output dir holding one).")],
+    json_path: JsonOpt = None,
+) -> None:
+    """Per-layer bits, planes, group size and bytes; bits per weight; size against fp16."""
+    from abqcli.verify import inspect_export
+
+    report = inspect_export(directory)
+    layers = report.get("layers", {})
+    table = Table(title="abq inspect: layers")
+    columns = ("bits", "planes", "group_size", "act_bits", "bytes")
+    table.add_column("layer")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, row in layers.items():
+        table.add_row(name, *(str(row.get(c, "")) for c in columns))
+    out.print(table)
+    out.print(_table("abq inspect: totals", {k: v for k, v in report.items() if k != "layers"}))
+    _write_json(json_path, report)
+
+
+bench_app = typer.Typer(help="Benchmarks that need no test harness.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("gemm")
+def bench_gemm_cmd(
+    output: Annotated[Path, typer.Option("--out", help="Where to write gpu-gemm-*.json and .md.")] = Path(
+        "benchmarks/results"),
+    quick: Annotated[bool, typer.Option(help="One shape, M in {1, 16, 256}, fewer iterations.")] = False,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 10,
+    iters: Annotated[int, typer.Option(help="Timed calls (median reported).")] = 50,
+) -> None:
+    """Time the BTC GEMM against torch fp16 matmul (cuBLAS) and torch._int_mm (int8) on a GPU.
+
+    LLaMA-7B shapes (N x K = 4096x4096, 11008x4096, 4096x11008) at M = 1, 8, 16, 64, 256; CUDA events,
+    warm-up, median. Needs CuPy and an sm_80+ GPU.
+    """
+    from abqcli import bench_gemm
+
+    argv = ["--out", str(output), "--warmup", str(warmup), "--iters", str(iters), *(["--quick"] if quick else [])]
+    code = bench_gemm.main(argv)
+    if code:
+        raise typer.Exit(code)
 
 
 @recipe_app.command("show")
