@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,11 +35,11 @@ err = Console(stderr=True)  # progress and messages go to stderr
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="HF model dir, cached hub id, .gguf file, "
                                        "abq output dir, or the alias smollm2-135m.")]
 DatasetOpt = Annotated[str, typer.Option(help="Dataset name (wikitext2, c4, ptb) or a text file path.")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding named datasets "
+DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="Folder holding named datasets "
                                                    "(default: $ABQ_DATA_DIR).")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a recipe field: key.path=value "
                                            "(YAML value), repeatable.")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this path.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON to this path.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, float16 or bfloat16.")]
 
@@ -94,12 +94,12 @@ def eval_cmd(
     dataset: DatasetOpt = "wikitext2",
     data_dir: DataDirOpt = None,
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
-    limit: Annotated[Optional[int], typer.Option(help="Score only the first N windows.")] = None,
-    scheme: Annotated[Optional[str], typer.Option(help="Fake-quantize with RTN at a preset, e.g. w4a16, "
+    limit: Annotated[int | None, typer.Option(help="Score only the first N windows.")] = None,
+    scheme: Annotated[str | None, typer.Option(help="Fake-quantize with RTN at a preset, e.g. w4a16, "
                                                   "w2*a8.")] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="Weight group size with --scheme "
+    group_size: Annotated[int | None, typer.Option(help="Weight group size with --scheme "
                                                       "(default per channel).")] = None,
-    recipe: Annotated[Optional[str], typer.Option(help="Fake-quantize (RTN) per this recipe file "
+    recipe: Annotated[str | None, typer.Option(help="Fake-quantize (RTN) per this recipe file "
                                                   "or preset.")] = None,
     sets: SetOpt = [],  # noqa: B006 - typer needs a literal default
     device: DeviceOpt = "auto",
@@ -154,7 +154,7 @@ def quantize_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML file or preset name (w4a4, w2*a8, ...).")],
     sets: SetOpt = [],  # noqa: B006
     data_dir: DataDirOpt = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output directory "
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Output directory "
                                                   "(overrides output.dir).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint "
@@ -205,7 +205,7 @@ def verify_cmd(
     dataset: DatasetOpt = "wikitext2",
     data_dir: DataDirOpt = None,
     windows: Annotated[int, typer.Option(help="Windows for the logits / perplexity comparison.")] = 2,
-    seqlen: Annotated[Optional[int], typer.Option(help="Window length (default min(512, context)).")] = None,
+    seqlen: Annotated[int | None, typer.Option(help="Window length (default min(512, context)).")] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """Prove a packed export computes what its fake-quant model computes.
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     except AbqError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: no bare tracebacks
+    except Exception as exc:
         if os.environ.get("ABQ_DEBUG"):
             raise
         err.print(f"error: {type(exc).__name__}: {exc} (set ABQ_DEBUG=1 for the traceback)",

@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +89,9 @@ def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=Non
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import apply_rtn
     from abqcli.recipe import describe
+    from abqcli.runtime import resolve_output_dir
 
-    if is_abq_output(name):
+    if Path(name).is_dir() and is_abq_output(resolve_output_dir(name)):
         if recipe is not None:
             raise InputError(f"{name} is already quantized: drop --recipe/--scheme")
         from abqcli.runtime import open_abq_output
@@ -116,7 +118,7 @@ class EvalRequest:
     limit: int | None = None
     device: str = "auto"
     dtype: str = "float32"
-    recipe: "Recipe | None" = None  # noqa: F821 - imported lazily to keep this module light
+    recipe: Recipe | None = None  # noqa: F821 - imported lazily to keep this module light
     backend: str = "cpu"
 
 

@@ -239,8 +239,9 @@ def _check_packable(name: str, pw, act_bits: int) -> None:
         raise InputError(f"{name}: cannot pack for the BTC GEMM: {exc}") from exc
 
 
-def _unquantized_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every state-dict tensor not in `skip`, on the CPU, each storage saved once.
+def _unquantized_tensors(model: nn.Module, quantized: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every state-dict tensor outside the `quantized` linears (whose `.bias` alone is kept), on the CPU,
+    each storage saved once.
 
     Returns (tensors, tied): a tensor that is the very same view as one already kept (tied embeddings:
     `lm_head.weight` is `embed_tokens.weight`) is left out and recorded as tied[name] = kept name;
@@ -251,7 +252,8 @@ def _unquantized_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, to
     seen_views: dict[tuple, str] = {}
     seen_storages: set[tuple] = set()
     for name, t in model.state_dict(keep_vars=False).items():
-        if name in skip:
+        owner, _, leaf = name.rpartition(".")
+        if owner in quantized and leaf != "bias":  # the weight (and anything a wrapper may hold)
             continue
         t = t.detach()
         storage = (t.device.type, t.untyped_storage().data_ptr())
@@ -307,7 +309,7 @@ def write_packed(target: Path, model: nn.Module, tokenizer, recipe_yaml: str, kv
         packed[name] = pw
 
     def fill(tmp: Path) -> None:
-        tensors, tied = _unquantized_tensors(model, {f"{name}.weight" for name in packed})
+        tensors, tied = _unquantized_tensors(model, set(packed))
         for name, pw in packed.items():
             tensors.update(packed_weight_to_tensors(name, pw))
         save_file(tensors, str(tmp / PACKED_WEIGHTS), metadata={"format": "pt", "abq_format": TENSOR_FORMAT,
@@ -332,6 +334,7 @@ def write_packed(target: Path, model: nn.Module, tokenizer, recipe_yaml: str, kv
                 pass
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_YAML).write_text(recipe_yaml)
+        shutil.copymode(tmp / RECIPE_YAML, tmp / PACKED_WEIGHTS)  # safetensors creates it 0600
         meta = layer_meta(layers, quantized)
         for name, pw in packed.items():
             meta[name].update(packed_layer_stats(pw))

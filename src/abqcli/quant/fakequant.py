@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn

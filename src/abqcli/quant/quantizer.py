@@ -141,7 +141,7 @@ class QuantizedWeight:
     spec: WeightQuantSpec
 
     def dequantize(self) -> torch.Tensor:
-        n, k = self.codes.shape
+        k = self.codes.shape[1]
         g = self.spec.group_size or k
         col_group = torch.arange(k) // g
         return (self.codes.float() - self.zero[:, col_group]) * self.scale[:, col_group]

@@ -1,0 +1,446 @@
+"""`abq verify` and `abq inspect`: prove that a packed export computes what the fake-quant model does.
+
+`verify_export` loads the packed model and its fake-quant twin (same export, QuantLinear with the
+dequantized weights), runs the packed model on a real text window while forward pre-hooks capture the
+input of every quantized linear, and checks, per layer,
+
+* the integer GEMM of the packed path (bit-plane popcounts on the CPU, the CUDA kernel with
+  `--backend cupy`) against the exact integer reference (`int_gemm` of the codes): must be identical;
+* the float output of the runtime layer (and of the epilogue applied to the packed accumulators)
+  against the fake-quant layer `F.linear(fake_quantize_activation(x, a), W_dequantized)`:
+  max relative difference `max|y − y_ref| / max|y_ref|` at most 1e-5;
+
+and end to end:
+
+* logits, teacher-forced: the twin runs with every quantized linear fed the packed model's input to the
+  same layer, so both models see the same activation codes; max relative difference at most 1e-4
+  (fp32). This is the pass criterion;
+* logits, free-running (each model on its own activations), reported: the two float paths differ by a
+  few ulps per layer, and a value that sits on a rounding tie of a downstream activation quantizer
+  (x/s within ~1e-7 of k + 1/2) can then round to the neighbouring code; that one-code change is
+  amplified by the following layers. Such ties are rare but certain on long windows of real models,
+  so free-running logits cannot be bound by 1e-4; instead
+* perplexity of both models on `windows` windows, reported; as a guard against gross errors their mean
+  NLLs (log perplexities) must agree to 1e-2 relative.
+
+`inspect_export` reports the storage of every packed layer and the totals, from the file header and
+the metadata (nothing is unpacked).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abqcli.errors import InputError
+
+LAYER_FLOAT_TOL = 1e-5  # DESIGN §6: float output vs the fake-quant layer, fp32
+LOGITS_TOL = 1e-4  # end to end, teacher-forced, fp32
+NLL_REL_TOL = 1e-2  # free-running mean NLL (log ppl) of the packed model and its fake-quant twin
+DEFAULT_SEQLEN = 512
+LAYER_ROWS = 64  # tokens per layer used for the integer and float checks
+FALLBACK_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A small model reads every word of this sentence, "
+    "and the quantized layers must compute exactly what the reference computes. "
+)
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of `verify_export`; `ok` is False when any check failed (see `problems`)."""
+
+    directory: str
+    backend: str
+    scheme: str
+    text: str  # where the tokens came from
+    text_note: str | None  # set when the dataset was unavailable and the fallback sentence was used
+    seqlen: int
+    windows: int
+    layers: list[dict] = field(default_factory=list)
+    layers_integer_checked: int = 0
+    layers_integer_exact: int = 0
+    layer_float_max_rel: float = 0.0
+    layer_float_tol: float = LAYER_FLOAT_TOL
+    logits_max_rel: float = 0.0  # teacher-forced (the criterion)
+    logits_tol: float = LOGITS_TOL
+    logits_max_rel_free_running: float = 0.0  # reported, see the module docstring
+    ppl_packed: float = float("nan")
+    ppl_fakequant: float = float("nan")
+    ppl_rel_diff: float = float("nan")  # reported
+    nll_rel_diff: float = float("nan")  # |ln ppl_packed − ln ppl_fakequant| / ln ppl_fakequant
+    nll_rel_tol: float = NLL_REL_TOL
+    problems: list[str] = field(default_factory=list)
+    ok: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _max_rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y − ref| / max |ref| (0 when both are all zero)."""
+    y, ref = y.double(), ref.double()
+    diff = float((y - ref).abs().max()) if y.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / scale
+
+
+def _eval_windows(tokenizer, dataset: str, data_dir, seqlen: int, windows: int):
+    """([n, seqlen] token windows, description, fallback note or None)."""
+    from abqcli import data
+
+    try:
+        text = data.load_text(dataset, "test", data_dir)
+        ids, _ = data.tokenize(tokenizer, text.text)
+        return data.eval_segments(ids, seqlen, windows), f"{dataset} ({text.origin})", None
+    except InputError as exc:
+        note = f"dataset unavailable ({exc}); used a fixed fallback sentence instead"
+    ids = tokenizer(FALLBACK_TEXT, return_tensors="pt").input_ids[0]
+    if ids.numel() == 0:
+        raise InputError("the tokenizer produced no tokens for the fallback sentence")
+    need = seqlen * windows
+    ids = ids.repeat(-(-need // ids.numel()))[:need]
+    return ids.reshape(windows, seqlen), "fallback sentence", note
+
+
+def _sample_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    x = x.detach().reshape(-1, x.shape[-1])
+    if x.shape[0] > rows:
+        x = x[torch.linspace(0, x.shape[0] - 1, rows).round().long()]
+    return x.float().cpu().clone()
+
+
+_NP_CHUNK = 1 << 22  # elements of the [m, N, Kw] AND-array built at once
+
+
+def bitplane_gemm(a_planes: torch.Tensor, w_planes: torch.Tensor, group_words: int | None = None) -> torch.Tensor:
+    """`Σ_i Σ_j 2^(i+j) · popcount(A_i AND W_j)` per group of `group_words` words: int64 [M, N, G].
+
+    The same computation as `abqcli.btc.gemm.popcount_gemm`, with NumPy's native `bitwise_count`
+    (about 20x faster on a CPU), so that every layer of a real model can be checked; without it
+    (NumPy < 2) it calls `popcount_gemm`."""
+    import numpy as np
+
+    from abqcli.btc.gemm import popcount_gemm
+
+    kw = a_planes.shape[2]
+    gw = group_words or kw
+    if not hasattr(np, "bitwise_count"):  # pragma: no cover - NumPy < 2
+        acc = popcount_gemm(a_planes, w_planes, gw)
+        return acc if acc.dim() == 3 else acc.unsqueeze(-1)
+    if w_planes.shape[2] != kw:
+        raise ValueError(f"activation planes have {kw} words per row, weight planes {w_planes.shape[2]}")
+    a = np.ascontiguousarray(a_planes.view(torch.int32).numpy()).view(np.uint32)
+    w = np.ascontiguousarray(w_planes.view(torch.int32).numpy()).view(np.uint32)
+    groups = -(-kw // gw)
+    pad = groups * gw - kw
+    if pad:
+        a = np.pad(a, ((0, 0), (0, 0), (0, pad)))
+        w = np.pad(w, ((0, 0), (0, 0), (0, pad)))
+    m, n = a.shape[1], w.shape[1]
+    out = np.zeros((m, n, groups), dtype=np.int64)
+    rows = max(1, _NP_CHUNK // max(1, n * (kw + pad)))
+    for m0 in range(0, m, rows):
+        m1 = min(m, m0 + rows)
+        for i in range(a.shape[0]):
+            for j in range(w.shape[0]):
+                counts = np.bitwise_count(a[i, m0:m1, None, :] & w[j, None, :, :])
+                out[m0:m1] += counts.reshape(m1 - m0, n, groups, gw).sum(axis=-1, dtype=np.int64) << (i + j)
+    return torch.from_numpy(out)
+
+
+def _integer_check(x: torch.Tensor, pw, act_bits: int, backend: str) -> tuple[bool, torch.Tensor, tuple]:
+    """(identical?, packed-path accumulators [M, N, G], activation qparams) for one layer."""
+    from abqcli.btc.format import group_code_sums, pack_planes
+    from abqcli.btc.gemm import int_gemm
+    from abqcli.quant.quantizer import qmax_for, quantize_activation
+
+    codes, scale, zero = quantize_activation(x, act_bits)
+    ref = int_gemm(codes, pw.codes(), pw.group_size)
+    a_planes = pack_planes(codes, qmax_for(act_bits))
+    group_words = pw.group_size // 32 if pw.group_size else None
+    sums = group_code_sums(codes, pw.group_size)
+    exact = True
+    if backend == "cupy":
+        from abqcli.btc import cuda as btc_cuda
+
+        g_planes, g_scale, g_zero, g_sums = btc_cuda.quantize_pack_activations(x, act_bits, pw.group_size)
+        exact = (torch.equal(g_planes.cpu(), a_planes) and torch.equal(g_sums.cpu(), sums)
+                 and torch.equal(g_scale.cpu(), scale.reshape(-1)) and torch.equal(g_zero.cpu(), zero.reshape(-1)))
+        acc = btc_cuda.int_gemm_planes(a_planes, pw.planes, group_words).cpu().long()
+    else:
+        acc = bitplane_gemm(a_planes, pw.planes, group_words)
+    if acc.dim() == 2:
+        acc = acc.unsqueeze(-1)
+    return exact and torch.equal(acc, ref), acc, (scale, zero, sums)
+
+
+def _check_layer(name: str, module, x: torch.Tensor, backend: str) -> dict:
+    from abqcli.btc.gemm import btc_linear, epilogue
+    from abqcli.quant.quantizer import FP_BITS, fake_quantize_activation
+
+    pw, act_bits = module.packed, module.act_bits
+    weight = pw.to_quantized().dequantize()
+    y_ref = F.linear(fake_quantize_activation(x, act_bits), weight)
+    y = btc_linear(x, pw, act_bits, None, backend).float().cpu()
+    result = {
+        "name": name,
+        "bits": pw.bits,
+        "balance": pw.balance,
+        "act_bits": act_bits,
+        "group_size": pw.group_size,
+        "planes": int(pw.planes.shape[0]),
+        "rows": int(x.shape[0]),
+        "float_max_rel": _max_rel(y, y_ref),
+    }
+    if act_bits >= FP_BITS:
+        result.update(integer_exact=None, integer_check="n/a (weight-only layer: dequantized matmul)")
+        return result
+    exact, acc, (scale, zero, sums) = _integer_check(x, pw, act_bits, backend)
+    y_epi = epilogue(acc, scale.reshape(-1), zero.reshape(-1), sums, pw)
+    kernel = "CUDA bit-plane GEMM" if backend == "cupy" else "bit-plane popcount GEMM (CPU)"
+    result.update(
+        integer_exact=bool(exact),
+        integer_check=f"{kernel} vs int_gemm of the codes",
+        epilogue_max_rel=_max_rel(y_epi, y_ref),
+    )
+    result["float_max_rel"] = max(result["float_max_rel"], result["epilogue_max_rel"])
+    return result
+
+
+@torch.no_grad()
+def teacher_forced_logits(packed: nn.Module, reference: nn.Module, ids: torch.Tensor):
+    """(packed logits, reference logits, inputs): run `packed` on `ids` recording the input of every
+    quantized linear (`BTCLinear`), then `reference` with each module of the same name fed that input
+    instead of its own (forward pre-hooks). Both then see the same activation codes at every quantized
+    linear, so their logits differ only by float rounding. `inputs[name]` lists the captured inputs
+    in call order."""
+    from abqcli.runtime import BTCLinear
+
+    inputs: dict[str, list[torch.Tensor]] = {}
+    ref_modules = dict(reference.named_modules())
+    names = [name for name, m in packed.named_modules() if isinstance(m, BTCLinear)]
+    missing = [name for name in names if name not in ref_modules]
+    if missing:
+        raise ValueError(f"the reference model has no module {missing[0]}")
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            inputs.setdefault(name, []).append(args[0].detach())
+
+        return hook
+
+    def replay(name: str):
+        calls = iter(range(1 << 30))
+
+        def hook(module, args):
+            recorded = inputs.get(name, [])
+            i = next(calls)
+            if i < len(recorded):
+                return (recorded[i].to(args[0].dtype), *args[1:])
+            return None
+
+        return hook
+
+    hooks = [packed.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    try:
+        logits_p = packed(ids).logits.float()
+    finally:
+        for h in hooks:
+            h.remove()
+    hooks = [ref_modules[name].register_forward_pre_hook(replay(name)) for name in names]
+    try:
+        logits_r = reference(ids).logits.float()
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits_p, logits_r, inputs
+
+
+@torch.no_grad()
+def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str = "wikitext2", windows: int = 2,
+                  seqlen: int | None = None, layer_rows: int = LAYER_ROWS) -> VerifyReport:
+    """Check a packed export layer by layer (integer exactness, float agreement) and end to end
+    (logits, perplexity) against its fake-quant twin. Raises InputError for unusable input (including
+    `backend="cupy"` without CuPy and a GPU, checked before anything is loaded); check failures are
+    reported in the returned report (`ok` False, `problems`)."""
+    from abqcli.runtime import (
+        BTCLinear,
+        _build,
+        describe_layers,
+        require_backend,
+        resolve_output_dir,
+    )
+
+    require_backend(backend)
+    if windows < 1:
+        raise InputError(f"windows must be at least 1, got {windows}")
+    start = time.perf_counter()
+    device = "cuda" if backend == "cupy" and torch.cuda.is_available() else "cpu"
+    path = resolve_output_dir(directory)
+    model, tokenizer, export = _build(path, "float32", device, backend, "packed")
+    twin, _, _ = _build(path, "float32", device, "cpu", "fakequant", verify=False)
+    context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQLEN
+    seqlen = seqlen or min(DEFAULT_SEQLEN, context)
+    if seqlen < 2 or seqlen > context:
+        raise InputError(f"seqlen must be between 2 and the model's context ({context}), got {seqlen}")
+    segments, text, note = _eval_windows(tokenizer, dataset, data_dir, seqlen, windows)
+
+    report = VerifyReport(
+        directory=str(path), backend=backend, scheme=describe_layers(export.modules, export.kv_bits),
+        text=text, text_note=note, seqlen=seqlen, windows=int(segments.shape[0]),
+    )
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, BTCLinear)}
+    nll = {"packed": 0.0, "fakequant": 0.0}
+    tokens = 0
+    captured: dict[str, torch.Tensor] = {}
+    for i, window in enumerate(segments):
+        ids = window.unsqueeze(0).to(device)
+        if i == 0:
+            logits_p, logits_tf, inputs = teacher_forced_logits(model, twin, ids)
+            report.logits_max_rel = _max_rel(logits_p[0].cpu(), logits_tf[0].cpu())
+            captured = {name: _sample_rows(xs[0], layer_rows) for name, xs in inputs.items()}
+            del inputs, logits_tf
+            logits_p = logits_p[0]
+        else:
+            logits_p = model(ids).logits[0].float()
+        logits_f = twin(ids).logits[0].float()
+        report.logits_max_rel_free_running = max(report.logits_max_rel_free_running,
+                                                 _max_rel(logits_p.cpu(), logits_f.cpu()))
+        target = ids[0, 1:]
+        nll["packed"] += F.cross_entropy(logits_p[:-1], target, reduction="sum").double().item()
+        nll["fakequant"] += F.cross_entropy(logits_f[:-1], target, reduction="sum").double().item()
+        tokens += target.numel()
+    report.ppl_packed = math.exp(nll["packed"] / tokens)
+    report.ppl_fakequant = math.exp(nll["fakequant"] / tokens)
+    report.ppl_rel_diff = abs(report.ppl_packed - report.ppl_fakequant) / report.ppl_fakequant
+    report.nll_rel_diff = abs(nll["packed"] - nll["fakequant"]) / max(abs(nll["fakequant"]), 1e-30)
+
+    for name, module in linears.items():
+        if name not in captured:
+            report.problems.append(f"{name}: no input captured (the layer never ran)")
+            continue
+        report.layers.append(_check_layer(name, module, captured[name], backend))
+    checked = [r for r in report.layers if r["integer_exact"] is not None]
+    report.layers_integer_checked = len(checked)
+    report.layers_integer_exact = sum(r["integer_exact"] for r in checked)
+    report.layer_float_max_rel = max((r["float_max_rel"] for r in report.layers), default=0.0)
+    for r in checked:
+        if not r["integer_exact"]:
+            report.problems.append(f"{r['name']}: integer GEMM differs from the exact reference")
+    for r in report.layers:
+        if not r["float_max_rel"] <= LAYER_FLOAT_TOL:
+            report.problems.append(f"{r['name']}: float output differs from the fake-quant layer by "
+                                   f"{r['float_max_rel']:.3g} relative (tolerance {LAYER_FLOAT_TOL:g})")
+    if not report.logits_max_rel <= LOGITS_TOL:
+        report.problems.append(f"teacher-forced logits differ from the fake-quant model by "
+                               f"{report.logits_max_rel:.3g} relative (tolerance {LOGITS_TOL:g})")
+    if not (math.isfinite(report.ppl_packed) and math.isfinite(report.ppl_fakequant)):
+        report.problems.append("non-finite perplexity")
+    elif not report.nll_rel_diff <= NLL_REL_TOL:
+        report.problems.append(f"perplexity {report.ppl_packed:.4g} (packed) vs {report.ppl_fakequant:.4g} "
+                               f"(fake-quant): log perplexities differ by {report.nll_rel_diff:.3g} relative "
+                               f"(tolerance {NLL_REL_TOL:g})")
+    report.ok = not report.problems
+    report.seconds = round(time.perf_counter() - start, 3)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+
+def _header(path: Path) -> dict[str, tuple[str, list[int], int]]:
+    """name -> (dtype, shape, bytes) from a safetensors header, without reading the tensors."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+    except (OSError, struct.error, ValueError) as exc:
+        raise InputError(f"cannot read the header of {path}: {exc}") from exc
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        out[name] = (info["dtype"], list(info["shape"]), end - begin)
+    return out
+
+
+def inspect_export(directory) -> dict:
+    """Storage report of an abq-packed export: per layer bits, planes, group size and bytes (planes,
+    scales, zeros, code sums); totals: bits per weight with and without the scale/zero/sum overhead,
+    size against fp16 of the same layers, and the file sizes."""
+    from abqcli.btc.format import num_planes, tensor_names
+    from abqcli.export import PACKED_WEIGHTS
+    from abqcli.quant.quantizer import qmax_for
+    from abqcli.runtime import describe_layers, read_packed_export, resolve_output_dir
+
+    export = read_packed_export(resolve_output_dir(directory))
+    header = _header(export.directory / PACKED_WEIGHTS)
+    layers = {}
+    tot = {"weights": 0, "planes": 0, "scales": 0, "zeros": 0, "code_sums": 0}
+    for name, meta in sorted(export.modules.items()):
+        names = tensor_names(name)
+        missing = [t for t in names.values() if t not in header]
+        if missing:
+            raise InputError(f"BTC tensor missing: {', '.join(missing)}")
+        n, k = int(meta["out_features"]), int(meta["in_features"])
+        sizes = {key: header[tname][2] for key, tname in names.items()}
+        planes = header[names["planes"]][1][0]
+        expected = num_planes(qmax_for(int(meta["bits"]), bool(meta.get("balance"))))
+        if planes != expected:
+            raise InputError(f"{names['planes']}: {planes} planes, the metadata implies {expected}")
+        total = sum(sizes.values())
+        layers[name] = {
+            "bits": int(meta["bits"]),
+            "balance": bool(meta.get("balance")),
+            "act_bits": meta.get("act_bits"),
+            "planes": planes,
+            "group_size": meta.get("group_size"),
+            "in_features": k,
+            "out_features": n,
+            "bytes": {**sizes, "total": total},
+            "bits_per_weight": sizes["planes"] * 8 / (n * k),
+            "bits_per_weight_with_overhead": total * 8 / (n * k),
+        }
+        tot["weights"] += n * k
+        for key, size in sizes.items():
+            tot[key] += size
+    quant_bytes = tot["planes"] + tot["scales"] + tot["zeros"] + tot["code_sums"]
+    other_bytes = sum(b for tname, (_, _, b) in header.items() if not tname.endswith(
+        tuple(tensor_names("").values())))
+    weights = tot["weights"]
+    files = {p.name: p.stat().st_size for p in sorted(export.directory.iterdir()) if p.is_file()}
+    return {
+        "directory": str(export.directory),
+        "format": export.manifest["format"],
+        "format_version": export.manifest["format_version"],
+        "scheme": describe_layers(export.modules, export.kv_bits),
+        "kv_bits": export.kv_bits,
+        "layers": layers,
+        "totals": {
+            "quantized_layers": len(layers),
+            "quantized_weights": weights,
+            "bytes": {"planes": tot["planes"], "scales": tot["scales"], "zeros": tot["zeros"],
+                      "code_sums": tot["code_sums"], "total": quant_bytes},
+            "bits_per_weight": tot["planes"] * 8 / weights if weights else 0.0,
+            "bits_per_weight_with_overhead": quant_bytes * 8 / weights if weights else 0.0,
+            "fp16_bytes_same_layers": weights * 2,
+            "size_vs_fp16": quant_bytes / (weights * 2) if weights else 0.0,
+            "unquantized_tensor_bytes": other_bytes,
+            "model_file_bytes": files.get(PACKED_WEIGHTS, 0),
+            "directory_bytes": sum(files.values()),
+        },
+        "files": files,
+    }

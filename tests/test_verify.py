@@ -1,0 +1,168 @@
+"""abq verify / abq inspect on packed exports of tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from abqcli.btc.format import padded_k
+from abqcli.errors import InputError
+from abqcli.quant.quantizer import LayerQuant, WeightQuantSpec
+from test_export_packed import SCHEMES, export_packed
+
+SEQLEN = 64
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory) -> Path:
+    """A llama whose linears all have K a multiple of 128 (no padding): hidden 128, ffn 256."""
+    from transformers import LlamaConfig
+
+    from conftest import save_tiny_model
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return save_tiny_model(config, tmp_path_factory.mktemp("verify") / "wide", seed=7)
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_verify_passes(arch, scheme, tiny_models, tmp_path, no_data_dir_env):
+    from abqcli.verify import verify_export
+
+    lq, kv_bits, planes = SCHEMES[scheme]
+    export_packed(tiny_models[arch], tmp_path / "packed", lq, kv_bits)
+    report = verify_export(tmp_path / "packed", seqlen=SEQLEN, windows=2)
+    assert report.ok, report.problems
+    n_layers = 14 if arch == "llama" else 12
+    assert len(report.layers) == n_layers
+    assert report.layers_integer_checked == (0 if lq.act_bits == 16 else n_layers)
+    assert report.layers_integer_exact == report.layers_integer_checked
+    assert {r["planes"] for r in report.layers} == {planes}
+    assert report.layer_float_max_rel <= 1e-5
+    assert report.logits_max_rel <= 1e-4
+    assert report.nll_rel_diff <= 1e-2 and report.ppl_packed > 1
+    # no data directory: the fallback sentence is used, and the report says so
+    assert report.text == "fallback sentence" and "fallback" in report.text_note
+    assert (report.seqlen, report.windows) == (SEQLEN, 2)
+    json.dumps(report.to_dict())
+
+
+def test_verify_on_text_file_default_seqlen(tiny_opt, tiny_text_file, tmp_path):
+    from abqcli.verify import verify_export
+
+    export_packed(tiny_opt, tmp_path / "packed", SCHEMES["w4a4"][0], 4)
+    report = verify_export(tmp_path / "packed", dataset=str(tiny_text_file), windows=1)
+    assert report.ok, report.problems
+    assert report.text_note is None and str(tiny_text_file) in report.text
+    assert report.seqlen == 256  # min(512, context of the tiny model)
+
+
+def test_verify_grouped_btc_layers(wide_llama, tmp_path, no_data_dir_env):
+    from abqcli.verify import verify_export
+
+    export_packed(wide_llama, tmp_path / "packed", LayerQuant(WeightQuantSpec(4, 128, False), 8), 8)
+    report = verify_export(tmp_path / "packed", seqlen=SEQLEN, windows=1)
+    assert report.ok, report.problems
+    down = next(r for r in report.layers if r["name"].endswith("down_proj"))
+    assert down["group_size"] == 128 and down["integer_exact"]
+
+
+@pytest.mark.parametrize("pa,pw,m,n,k,group_words", [(4, 4, 5, 7, 64, None), (8, 3, 3, 9, 300, 4),
+                                                      (3, 8, 17, 5, 512, 8), (1, 1, 1, 1, 1, None)])
+def test_bitplane_gemm_matches_popcount_gemm(pa, pw, m, n, k, group_words):
+    from abqcli.btc.format import pack_planes
+    from abqcli.btc.gemm import popcount_gemm
+    from abqcli.verify import bitplane_gemm
+
+    gen = torch.Generator().manual_seed(m * n + k)
+    a = pack_planes(torch.randint(0, 2**pa, (m, k), generator=gen), 2**pa - 1)
+    w = pack_planes(torch.randint(0, 2**pw, (n, k), generator=gen), 2**pw - 1)
+    ref = popcount_gemm(a, w, group_words)
+    got = bitplane_gemm(a, w, group_words)
+    assert torch.equal(got, ref if group_words else ref.unsqueeze(-1))
+
+
+def test_verify_detects_a_wrong_integer_gemm(tiny_llama, tmp_path, monkeypatch, no_data_dir_env):
+    from abqcli import verify
+    from abqcli.verify import verify_export
+
+    export_packed(tiny_llama, tmp_path / "packed", SCHEMES["w4a4"][0], 4)
+    real = verify.bitplane_gemm
+    monkeypatch.setattr(verify, "bitplane_gemm", lambda a, w, g=None: real(a, w, g) + 1)
+    report = verify_export(tmp_path / "packed", seqlen=SEQLEN, windows=1)
+    assert not report.ok
+    assert report.layers_integer_exact == 0
+    assert any("integer GEMM differs" in p for p in report.problems)
+
+
+def test_verify_refuses_bad_input(tiny_llama, tmp_path):
+    from abqcli.btc import cuda as btc_cuda
+    from abqcli.verify import verify_export
+
+    with pytest.raises(InputError, match="not an abq output"):
+        verify_export(tiny_llama)
+    if not btc_cuda.available()[0]:
+        # refused before anything is read: the directory does not even exist
+        with pytest.raises(InputError, match="needs a CUDA GPU and CuPy.*use --backend cpu") as info:
+            verify_export(tmp_path / "nowhere", backend="cupy")
+        assert "\n" not in str(info.value)
+
+
+def _theory_bits(layers: dict, padded: bool) -> tuple[float, float]:
+    """(bits/weight of the planes, with scale/zero/sum overhead: 3 x 32 bits per row and group)."""
+    weights = plane_bits = overhead = 0
+    for meta in layers.values():
+        n, k = meta["out_features"], meta["in_features"]
+        groups = -(-k // (meta["group_size"] or k))
+        weights += n * k
+        plane_bits += n * meta["planes"] * (padded_k(k) if padded else k)
+        overhead += n * groups * 96
+    return plane_bits / weights, (plane_bits + overhead) / weights
+
+
+@pytest.mark.parametrize("scheme,planes", [("w4a4", 4), ("w2*a8", 3), ("w3a16-g128", 3)])
+def test_inspect_bits_per_weight(scheme, planes, wide_llama, tmp_path):
+    from abqcli.verify import inspect_export
+
+    lq, kv_bits, _ = SCHEMES[scheme]
+    out = tmp_path / "packed"
+    export_packed(wide_llama, out, lq, kv_bits)
+    info = inspect_export(out)
+    totals = info["totals"]
+    assert {layer["planes"] for layer in info["layers"].values()} == {planes}
+    bits, bits_overhead = _theory_bits(info["layers"], padded=False)
+    assert bits == planes
+    assert totals["bits_per_weight"] == pytest.approx(bits, rel=0.03)
+    assert totals["bits_per_weight_with_overhead"] == pytest.approx(bits_overhead, rel=0.03)
+    assert totals["size_vs_fp16"] == pytest.approx(bits_overhead / 16, rel=0.03)
+    assert totals["fp16_bytes_same_layers"] == 2 * totals["quantized_weights"]
+    assert totals["model_file_bytes"] == (out / "model.safetensors").stat().st_size
+    assert totals["directory_bytes"] > totals["model_file_bytes"] > totals["bytes"]["total"]
+    down = info["layers"]["model.layers.0.mlp.down_proj"]
+    assert down["bytes"]["total"] == sum(down["bytes"][k] for k in ("planes", "scales", "zeros", "code_sums"))
+    json.dumps(info)
+
+
+def test_inspect_counts_padding(tiny_llama, tmp_path):
+    """K = 64 is padded to 128: the planes cost twice their nominal bits there, and inspect says so."""
+    from abqcli.verify import inspect_export
+
+    export_packed(tiny_llama, tmp_path / "packed", SCHEMES["w2*a8"][0], 8)
+    info = inspect_export(tmp_path / "packed")
+    bits, bits_overhead = _theory_bits(info["layers"], padded=True)
+    assert info["totals"]["bits_per_weight"] == pytest.approx(bits, rel=1e-9)
+    assert info["totals"]["bits_per_weight_with_overhead"] == pytest.approx(bits_overhead, rel=1e-9)
+    assert info["layers"]["model.layers.0.self_attn.q_proj"]["bits_per_weight"] == 6.0  # 3 planes x 128/64
+    assert info["scheme"] == "W2*A8 (kv A8)"
+
+
+def test_inspect_refuses_non_packed(tiny_llama, tmp_path):
+    from abqcli.verify import inspect_export
+
+    with pytest.raises(InputError, match="not an abq output"):
+        inspect_export(tiny_llama)
