@@ -65,15 +65,20 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     (directory / ABQ_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: Path) -> object:
+    """A JSON file, or an InputError naming it and where it is broken."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+
+
 def read_manifest(directory: Path, verify: bool = True) -> dict:
     """abq.json of an output directory, its files' checksums verified; InputError if anything is off."""
     path = Path(directory) / ABQ_JSON
     if not path.is_file():
         raise InputError(f"not an abq output directory (no {ABQ_JSON}): {directory}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or "format" not in manifest or "files" not in manifest:
         raise InputError(f"{path} is not an abq manifest (missing 'format' or 'files')")
     if verify:

@@ -12,7 +12,6 @@ tensors otherwise), which `abq verify` compares against.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +124,15 @@ def _one_line(exc: BaseException) -> str:
 
 def read_packed_export(directory: str | Path, verify: bool = True) -> PackedExport:
     """Manifest (checksums verified), format and version checks of abq.json and config.json."""
-    from abqcli.export import CONFIG_JSON, PACKED, QUANT_METHOD, TENSOR_FORMAT, check_format, read_manifest
+    from abqcli.export import (
+        CONFIG_JSON,
+        PACKED,
+        QUANT_METHOD,
+        TENSOR_FORMAT,
+        check_format,
+        read_json,
+        read_manifest,
+    )
 
     directory = Path(directory)
     manifest = read_manifest(directory, verify=verify)
@@ -133,10 +140,7 @@ def read_packed_export(directory: str | Path, verify: bool = True) -> PackedExpo
     config_path = directory / CONFIG_JSON
     if not config_path.is_file():
         raise InputError(f"{directory} has no {CONFIG_JSON}")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{config_path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    config = read_json(config_path)
     qc = config.pop("quantization_config", None)
     if not isinstance(qc, dict):
         raise InputError(f"{config_path} has no quantization_config: not an abq-packed export")
