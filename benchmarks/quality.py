@@ -134,11 +134,16 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, help="override the recipes' calibration window length")
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild quality.md and quality.png from an existing (maybe partial) quality.json")
     args = parser.parse_args()
     from abqcli.recipe import load_recipe
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report(json.loads((out / "quality.json").read_text()), out)
+        return
     print("FP", flush=True)
     results = {"protocol": {"windows": args.limit, "seqlen": args.eval_seqlen, "data_dir": args.data_dir},
                "fp": evaluate(args, "smollm2-135m"), "schemes": {}, "ablation": {}}
@@ -159,6 +164,10 @@ def main() -> None:
                 results["ablation"][name] = calibrate(args, SCHEMES["W4A4"], sets, workdir)
                 (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    report(results, out)
+
+
+def report(results: dict, out: Path) -> None:
     (out / "quality.md").write_text(markdown(results))
     plot(results, out / "quality.png")
     print(markdown(results))
