@@ -5,7 +5,7 @@ BIN      := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 RECIPE   ?= configs/smollm2-w4a4.yaml
 DEMO_DIR ?= out/demo-smollm2-w4a4
-EVAL     := --model smollm2-135m --data-dir $(DATA_DIR) --seqlen 2048 --limit 4
+EVAL     := --data-dir $(DATA_DIR) --seqlen 2048 --limit 4
 
 .PHONY: help install test test-fast demo bench lint clean
 
@@ -36,9 +36,9 @@ test-fast: install
 
 demo: install
 	$(BIN)/abq quantize $(RECIPE) --data-dir $(DATA_DIR) --output $(DEMO_DIR) --overwrite
-	$(BIN)/abq eval $(EVAL) --json $(DEMO_DIR)/eval-fp.json
-	$(BIN)/abq eval $(EVAL) --recipe $(RECIPE) --set calibration.method=rtn --json $(DEMO_DIR)/eval-rtn.json
-	$(BIN)/abq eval $(EVAL) --model $(DEMO_DIR)/abq-packed --json $(DEMO_DIR)/eval-abq.json
+	$(BIN)/abq eval --model smollm2-135m $(EVAL) --json $(DEMO_DIR)/eval-fp.json
+	$(BIN)/abq eval --model smollm2-135m $(EVAL) --recipe $(RECIPE) --set calibration.method=rtn --json $(DEMO_DIR)/eval-rtn.json
+	$(BIN)/abq eval --model $(DEMO_DIR)/abq-packed $(EVAL) --json $(DEMO_DIR)/eval-abq.json
 	$(BIN)/python scripts/compare_ppl.py $(DEMO_DIR)/eval-fp.json $(DEMO_DIR)/eval-rtn.json $(DEMO_DIR)/eval-abq.json
 
 bench: install
