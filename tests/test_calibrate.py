@@ -34,12 +34,7 @@ LINEARS = {
 PREFIX = {"llama": "model.layers", "qwen2": "model.layers", "opt": "model.decoder.layers"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_recipe(path: Path, model: Path, text: Path, out: Path, scheme: str = "w4a4", extra: str = "",

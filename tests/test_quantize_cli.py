@@ -51,12 +51,7 @@ CASES = [
 CASE_IDS = ["llama-w4a4", "qwen2-w4a4", "opt-w4a4", "opt-w3a16g32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_recipe(workdir: Path, model: Path, text: Path, scheme: str = "w4a4", extra: str = "",
