@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from abqcli.btc.format import padded_k
 from abqcli.errors import InputError
@@ -72,28 +71,13 @@ def test_verify_grouped_btc_layers(wide_llama, tmp_path, no_data_dir_env):
     assert down["group_size"] == 128 and down["integer_exact"]
 
 
-@pytest.mark.parametrize("pa,pw,m,n,k,group_words", [(4, 4, 5, 7, 64, None), (8, 3, 3, 9, 300, 4),
-                                                      (3, 8, 17, 5, 512, 8), (1, 1, 1, 1, 1, None)])
-def test_bitplane_gemm_matches_popcount_gemm(pa, pw, m, n, k, group_words):
-    from abqcli.btc.format import pack_planes
-    from abqcli.btc.gemm import popcount_gemm
-    from abqcli.verify import bitplane_gemm
-
-    gen = torch.Generator().manual_seed(m * n + k)
-    a = pack_planes(torch.randint(0, 2**pa, (m, k), generator=gen), 2**pa - 1)
-    w = pack_planes(torch.randint(0, 2**pw, (n, k), generator=gen), 2**pw - 1)
-    ref = popcount_gemm(a, w, group_words)
-    got = bitplane_gemm(a, w, group_words)
-    assert torch.equal(got, ref if group_words else ref.unsqueeze(-1))
-
-
 def test_verify_detects_a_wrong_integer_gemm(tiny_llama, tmp_path, monkeypatch, no_data_dir_env):
-    from abqcli import verify
+    from abqcli.btc import gemm
     from abqcli.verify import verify_export
 
     export_packed(tiny_llama, tmp_path / "packed", SCHEMES["w4a4"][0], 4)
-    real = verify.bitplane_gemm
-    monkeypatch.setattr(verify, "bitplane_gemm", lambda a, w, g=None: real(a, w, g) + 1)
+    real = gemm.popcount_gemm
+    monkeypatch.setattr(gemm, "popcount_gemm", lambda a, w, g=None: real(a, w, g) + 1)
     report = verify_export(tmp_path / "packed", seqlen=SEQLEN, windows=1)
     assert not report.ok
     assert report.layers_integer_exact == 0

@@ -118,49 +118,10 @@ def _sample_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x.float().cpu().clone()
 
 
-_NP_CHUNK = 1 << 22  # elements of the [m, N, Kw] AND-array built at once
-
-
-def bitplane_gemm(a_planes: torch.Tensor, w_planes: torch.Tensor, group_words: int | None = None) -> torch.Tensor:
-    """`Σ_i Σ_j 2^(i+j) · popcount(A_i AND W_j)` per group of `group_words` words: int64 [M, N, G].
-
-    The same computation as `abqcli.btc.gemm.popcount_gemm`, with NumPy's native `bitwise_count`
-    (about 20x faster on a CPU), so that every layer of a real model can be checked; without it
-    (NumPy < 2) it calls `popcount_gemm`."""
-    import numpy as np
-
-    from abqcli.btc.gemm import popcount_gemm
-
-    kw = a_planes.shape[2]
-    gw = group_words or kw
-    if not hasattr(np, "bitwise_count"):  # pragma: no cover - NumPy < 2
-        acc = popcount_gemm(a_planes, w_planes, gw)
-        return acc if acc.dim() == 3 else acc.unsqueeze(-1)
-    if w_planes.shape[2] != kw:
-        raise ValueError(f"activation planes have {kw} words per row, weight planes {w_planes.shape[2]}")
-    a = np.ascontiguousarray(a_planes.view(torch.int32).numpy()).view(np.uint32)
-    w = np.ascontiguousarray(w_planes.view(torch.int32).numpy()).view(np.uint32)
-    groups = -(-kw // gw)
-    pad = groups * gw - kw
-    if pad:
-        a = np.pad(a, ((0, 0), (0, 0), (0, pad)))
-        w = np.pad(w, ((0, 0), (0, 0), (0, pad)))
-    m, n = a.shape[1], w.shape[1]
-    out = np.zeros((m, n, groups), dtype=np.int64)
-    rows = max(1, _NP_CHUNK // max(1, n * (kw + pad)))
-    for m0 in range(0, m, rows):
-        m1 = min(m, m0 + rows)
-        for i in range(a.shape[0]):
-            for j in range(w.shape[0]):
-                counts = np.bitwise_count(a[i, m0:m1, None, :] & w[j, None, :, :])
-                out[m0:m1] += counts.reshape(m1 - m0, n, groups, gw).sum(axis=-1, dtype=np.int64) << (i + j)
-    return torch.from_numpy(out)
-
-
 def _integer_check(x: torch.Tensor, pw, act_bits: int, backend: str) -> tuple[bool, torch.Tensor, tuple]:
     """(identical?, packed-path accumulators [M, N, G], activation qparams) for one layer."""
     from abqcli.btc.format import group_code_sums, pack_planes
-    from abqcli.btc.gemm import int_gemm
+    from abqcli.btc.gemm import int_gemm, popcount_gemm
     from abqcli.quant.quantizer import qmax_for, quantize_activation
 
     codes, scale, zero = quantize_activation(x, act_bits)
@@ -177,7 +138,7 @@ def _integer_check(x: torch.Tensor, pw, act_bits: int, backend: str) -> tuple[bo
                  and torch.equal(g_scale.cpu(), scale.reshape(-1)) and torch.equal(g_zero.cpu(), zero.reshape(-1)))
         acc = btc_cuda.int_gemm_planes(a_planes, pw.planes, group_words).cpu().long()
     else:
-        acc = bitplane_gemm(a_planes, pw.planes, group_words)
+        acc = popcount_gemm(a_planes, pw.planes, group_words)
     if acc.dim() == 2:
         acc = acc.unsqueeze(-1)
     return exact and torch.equal(acc, ref), acc, (scale, zero, sums)

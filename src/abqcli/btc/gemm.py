@@ -12,6 +12,7 @@ CPU (quantize activations, exact float GEMM of centred codes against cached weig
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +42,10 @@ def check_int32_bound(k: int, qmax_a: int, qmax_w: int) -> None:
 
 
 def _popcount32(x: torch.Tensor) -> torch.Tensor:
-    """Bit count of int64 values holding 32-bit patterns (SWAR bit trick, vectorised)."""
+    """Bit count of int64 values holding 32-bit patterns: NumPy's native `bitwise_count` where it
+    exists (NumPy >= 2, about 20x faster), else the SWAR bit trick, vectorised."""
+    if hasattr(np, "bitwise_count"):
+        return torch.from_numpy(np.bitwise_count(x.numpy()).astype(np.int64))
     x = x - ((x >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F
