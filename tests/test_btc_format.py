@@ -139,9 +139,11 @@ def test_packed_weight_round_trip(bits, balance, group):
     assert torch.equal(back.codes, qw.codes)
     assert torch.equal(back.scale, qw.scale) and torch.equal(back.zero, qw.zero)
     assert torch.equal(pw.dequantized_f32(), qw.dequantize())
-    assert torch.equal(pw.codes_f32(), qw.codes.float())
     col = torch.arange(300) // (group or 300)
-    assert torch.equal(pw.centered_codes_f32(), qw.codes.float() - qw.zero[:, col])
+    centred = pw.centred_weight()
+    assert torch.equal(centred.values, qw.codes.float() - qw.zero[:, col])
+    assert torch.equal(centred.scale, qw.scale) and centred.group_size == group
+    assert centred.max_abs == float(centred.values.abs().max())
 
 
 def test_packed_weight_validates_shapes():

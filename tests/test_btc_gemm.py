@@ -222,3 +222,28 @@ def test_epilogue_accepts_per_channel_2d_accumulator():
     _assert_rel(y, F.linear(fake_quantize_activation(x, 8), fake_quantize_weight(w, spec)))
     with pytest.raises(ValueError, match="does not match"):
         epilogue(acc[:, :3], sa[:, 0], za[:, 0], group_code_sums(codes, None), pw)
+
+
+@pytest.mark.parametrize(("group", "k"), [(None, 300), (128, 256), (64, 200)])
+def test_quant_linear_integer_path_is_the_packed_arithmetic(group, k):
+    """A QuantLinear given its integer state computes bit for bit what the packed layer computes, and
+    agrees with its own float path (`F.linear` of the fake-quantized input and weight) to 1e-5."""
+    from torch import nn
+
+    from abqcli.quant.fakequant import QuantLinear
+    from abqcli.quant.quantizer import LayerQuant
+
+    w, spec, pw = _layer(4, False, group, k)
+    linear = nn.Linear(k, 48, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(pw.dequantized_f32())
+    qlinear = QuantLinear(linear, LayerQuant(spec, 6))
+    x = torch.randn(3, 5, k) * 2
+    y_float = qlinear(x).detach()
+    qlinear.use_integer_weight(quantize_weight(w, spec))
+    y_int = qlinear(x)
+    _assert_rel(y_int, y_float)
+    if group is None or group % 128 == 0:  # layers the BTC GEMM runs
+        assert torch.equal(y_int, btc_linear(x, pw, 6, bias=linear.bias))
+    with pytest.raises(ValueError, match="does not fit"):
+        qlinear.use_integer_weight(quantize_weight(w[:, :64], WeightQuantSpec(4)))

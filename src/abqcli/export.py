@@ -178,17 +178,22 @@ def read_quant_state(directory: Path, manifest: dict) -> dict[str, QuantizedWeig
 
 def open_fakequant(directory: Path, dtype: str, device: str):
     """(model, tokenizer, manifest) of an hf-fakequant directory, with activation and kv quantization
-    re-applied from the metadata (the weights are already quantized)."""
+    re-applied from the metadata (the weights are already quantized) and each quantized linear running
+    in the integer domain from the stored integer state (as the packed export does)."""
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import set_kv_quant, wrap_linears
 
     manifest = read_manifest(directory)
     check_format(manifest, FAKEQUANT, FAKEQUANT_VERSION, directory)
+    states = read_quant_state(directory, manifest)
     model, tokenizer, _ = load_model(str(directory), dtype, device)
     layers = {name: layer_quant_from_meta(meta) for name, meta in manifest["layers"].items()}
     adapter = adapter_for(model)
-    wrap_linears(model, adapter, layers.get)
+    for name, qlinear in wrap_linears(model, adapter, layers.get).items():
+        if name not in states:
+            raise InputError(f"{QUANT_STATE} in {directory} has no integer state for {name}")
+        qlinear.use_integer_weight(states[name])
     set_kv_quant(model, adapter, manifest["kv_bits"])
     return model, tokenizer, manifest
 

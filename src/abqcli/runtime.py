@@ -6,8 +6,8 @@ is instantiated, so transformers never looks for a quantizer called "abq" — lo
 tensor from `model.safetensors`, and replaces each quantized linear with a `BTCLinear` built from its
 BTC tensors. q/k/v quantization goes through abq's registered attention (`set_kv_quant`).
 
-The same builder also gives the fake-quant twin of an export (QuantLinear + dequantized weights, same
-tensors otherwise), which `abq verify` compares against.
+The same builder also gives the fake-quant twin of an export (QuantLinear with the dequantized weights
+and the integer state, same tensors otherwise), which `abq verify` compares against.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class BTCLinear(nn.Module):
         if self.act_bits >= FP_BITS:
             self.packed.dequantized_f32()
         else:
-            self.packed.centered_codes_f32()
+            self.packed.centred_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "cpu" and x.device.type != "cpu":
@@ -236,6 +236,7 @@ def _build(directory: str | Path, dtype: str, device: str, backend: str, mode: s
                 if bias is not None:
                     linear.bias.copy_(bias)
             module = QuantLinear(linear, LayerQuant(pw.spec, act_bits))
+            module.use_integer_weight(pw.to_quantized())
         _replace(model, name, module)
         replaced.add(f"{name}.weight")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from abqcli.errors import InputError
-from abqcli.quant.quantizer import QuantizedWeight, WeightQuantSpec, qmax_for
+from abqcli.quant.quantizer import CentredWeight, QuantizedWeight, WeightQuantSpec, qmax_for
 
 FORMAT_VERSION = 1
 K_ALIGN = 128
@@ -148,8 +148,7 @@ class PackedWeight:
     bits: int
     balance: bool
     group_size: int | None
-    _codes_f32: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _centered_f32: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _centred: CentredWeight | None = field(default=None, init=False, repr=False)
     _dequant_f32: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -204,19 +203,13 @@ class PackedWeight:
     def to_quantized(self) -> QuantizedWeight:
         return QuantizedWeight(self.codes(), self.scale.clone(), self.zero.clone(), self.spec)
 
-    def codes_f32(self) -> torch.Tensor:
-        """Weight codes as float32 [N, K], unpacked once and cached (the CPU GEMM operand)."""
-        if self._codes_f32 is None:
-            self._codes_f32 = self.codes().float()
-        return self._codes_f32
-
-    def centered_codes_f32(self) -> torch.Tensor:
-        """`codes − zero` per row and group as float32 [N, K] (exact integers), cached: the operand of
-        the CPU BTC path, whose matmul with centred activation codes is the epilogue's bracket."""
-        if self._centered_f32 is None:
-            col_group = torch.arange(self.in_features) // (self.group_size or self.in_features)
-            self._centered_f32 = self.codes().float() - self.zero[:, col_group]
-        return self._centered_f32
+    def centred_weight(self) -> CentredWeight:
+        """`codes − zero` per row and group (exact integers in float32) with the scales, cached: the
+        operand of the CPU BTC path (`integer_linear`), whose matmul with centred activation codes is the
+        epilogue's bracket."""
+        if self._centred is None:
+            self._centred = self.to_quantized().centred()
+        return self._centred
 
     def dequantized_f32(self) -> torch.Tensor:
         """Dequantized weight float32 [N, K], cached (the weight-only path)."""

@@ -6,8 +6,9 @@ Two integer paths compute `acc[m, n, g] = Σ_{k∈g} qa[m, k]·qw[n, k]`:
   tensor-core kernel does, written plainly (slow, for tests and cross-checks);
 * `int_gemm` works on codes with float32 matmuls over K-chunks small enough to be exact.
 
-`epilogue` turns the integer accumulators into the float output; `btc_linear` is the whole layer on the
-CPU (quantize activations, exact float GEMM of centred codes against cached weight codes, scales).
+`epilogue` turns the integer accumulators into the float output. `integer_linear` is the whole layer in
+the integer domain (quantize activations, exact float GEMM of centred codes against centred weight codes,
+scales); `btc_linear` runs it on a packed weight (or dispatches to the CUDA backend).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from abqcli.btc.format import PackedWeight
-from abqcli.quant.quantizer import FP_BITS, activation_qparams, qmax_for
+from abqcli.quant.quantizer import FP_BITS, CentredWeight, activation_qparams, qmax_for
 
 INT32_MAX = 2**31 - 1
 F32_EXACT = 2**24  # every integer of magnitude <= 2**24 is exact in float32
@@ -204,49 +205,51 @@ def quantize_activation_f32(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
 _ROW_BLOCK_BYTES = 1 << 21  # rows per block: keep a block's [rows, N] accumulator in cache
 
 
-def _centered_bound(zero: torch.Tensor, qmax: int) -> float:
-    """max |q − z| over codes q in [0, qmax] for the given (integer-valued) zero points."""
-    if not zero.numel():
-        return 0.0
-    return float(torch.maximum(zero.abs(), (qmax - zero).abs()).max())
-
-
 @torch.no_grad()
-def _btc_linear_cpu(x: torch.Tensor, w: PackedWeight, act_bits: int) -> torch.Tensor:
-    """x float32 [M, K] -> float32 [M, N]: the section-5 layer with exact integer brackets.
+def integer_linear(x: torch.Tensor, w: CentredWeight, act_bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A weight-and-activation quantized linear computed in the integer domain: x [..., K] -> [..., N]
+    in x's dtype, on x's device. The packed CPU runtime and the fake-quant models both run this, so
+    their outputs are bit-identical for the same codes.
 
     The epilogue's bracket for group g, `acc − za·wsum − zw·asum + |g|·za·zw`, is the integer
-    `Σ_{k∈g} (qa − za)·(qw − zw)` (zero points are integers). The CPU path forms it directly as one
-    matmul of centred activation codes against the cached centred weight codes per group: float32
-    when `|g| · max|qa − za| · max|qw − zw| <= 2**24` (every partial sum is an integer below 2**24,
-    so exact), else float64 (exact below 2**53). Then `y = sa · Σ_g sw_g · bracket_g`.
+    `Σ_{k∈g} (qa − za)·(qw − zw)` (zero points are integers). It is formed directly as one matmul of
+    centred activation codes against the centred weight codes per group: in float32 when
+    `|g| · max|qa − za| · max|qw − zw| <= 2**24` (every partial sum is an integer below 2**24, so exact
+    in any summation order), else in float64 (exact below 2**53). Then `y = sa · Σ_g sw_g · bracket_g`
+    (+ bias), float32.
     """
-    m, k = x.shape
-    n = w.out_features
-    codes, sa, za = quantize_activation_f32(x, act_bits)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if k != w.values.shape[1]:
+        raise ValueError(f"input has {k} features, the layer expects {w.values.shape[1]}")
+    x2 = x.detach().reshape(-1, k).float()
+    m, n = x2.shape[0], w.values.shape[0]
+    codes, sa, za = quantize_activation_f32(x2, act_bits)
     a_c = codes.sub_(za)  # centred activation codes, exact small integers
-    w_c = w.centered_codes_f32()
+    w_c = w.values
     g = w.group_size or k
-    bound = _centered_bound(za, qmax_for(act_bits)) * _centered_bound(w.zero, w.qmax)
-    dt = torch.float32 if g * bound <= F32_EXACT else torch.float64
+    a_bound = float(a_c.abs().max()) if a_c.numel() else 0.0
+    dt = torch.float32 if g * a_bound * w.max_abs <= F32_EXACT else torch.float64
     if dt == torch.float64:
         a_c, w_c = a_c.double(), w_c.double()
     sa = sa.reshape(m, 1).to(dt)
-    if w.num_groups == 1:
-        return (a_c @ w_c.T).mul_(w.scale[:, 0].to(dt)).mul_(sa).float()
-
-    sw = w.scale.T.to(dt).contiguous()  # [G, N]
-    bounds = [(gi * g, min(k, (gi + 1) * g)) for gi in range(w.num_groups)]
-    out = torch.empty(m, n, dtype=torch.float32)
-    rows = max(16, _ROW_BLOCK_BYTES // (4 * max(1, n)))
-    for r0 in range(0, m, rows):
-        r1 = min(m, r0 + rows)
-        y = None
-        for gi, (s, e) in enumerate(bounds):
-            bracket = a_c[r0:r1, s:e] @ w_c[:, s:e].T
-            y = bracket.mul_(sw[gi]) if y is None else y.addcmul_(bracket, sw[gi])
-        out[r0:r1] = y.mul_(sa[r0:r1])
-    return out
+    n_groups = w.scale.shape[1]
+    if n_groups == 1:
+        y = (a_c @ w_c.T).mul_(w.scale[:, 0].to(dt)).mul_(sa).float()
+    else:
+        sw = w.scale.T.to(dt).contiguous()  # [G, N]
+        bounds = [(gi * g, min(k, (gi + 1) * g)) for gi in range(n_groups)]
+        y = torch.empty(m, n, dtype=torch.float32, device=x2.device)
+        rows = max(16, _ROW_BLOCK_BYTES // (4 * max(1, n)))
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            block = None
+            for gi, (s, e) in enumerate(bounds):
+                bracket = a_c[r0:r1, s:e] @ w_c[:, s:e].T
+                block = bracket.mul_(sw[gi]) if block is None else block.addcmul_(bracket, sw[gi])
+            y[r0:r1] = block.mul_(sa[r0:r1])
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*lead, n).to(x.dtype)
 
 
 def btc_linear(
@@ -276,8 +279,4 @@ def btc_linear(
         return F.linear(x, weight, b)
     _check_btc_group(w)
     check_int32_bound(w.in_features, qmax_for(act_bits), w.qmax)
-    lead = x.shape[:-1]
-    y = _btc_linear_cpu(x.detach().reshape(-1, w.in_features).float(), w, act_bits)
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*lead, w.out_features).to(x.dtype)
+    return integer_linear(x, w.centred_weight(), act_bits, bias)

@@ -3,6 +3,8 @@
 - Every quantized linear inside a decoder block becomes a `QuantLinear`: its input is fake-quantized
   per token at `act_bits`; its weight is whatever tensor it holds (RTN puts the fake-quantized
   weight there once; calibration substitutes trained weights through `torch.func.functional_call`).
+  Quantized models for inference (RTN, a calibrated export) also give it their integer state, and
+  it then computes in the integer domain exactly as the packed runtime does.
 - q, k, v are fake-quantized per (head, token) over head_dim inside the attention function, which is
   registered with transformers' attention registry as "abq" (k after RoPE, as the model computes it).
   The per-module bit width lives on the attention module as `abq_kv_bits`.
@@ -16,19 +18,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from abqcli.btc.gemm import integer_linear
 from abqcli.models.adapters import Adapter
 from abqcli.quant.quantizer import (
     FP_BITS,
+    CentredWeight,
     LayerQuant,
+    QuantizedWeight,
     fake_quantize_activation,
-    fake_quantize_weight,
+    quantize_weight,
 )
 
 ATTN_IMPLEMENTATION = "abq"
 
 
 class QuantLinear(nn.Module):
-    """nn.Linear with per-token fake-quantized input. Shares the original parameters."""
+    """nn.Linear with per-token fake-quantized input. Shares the original parameters.
+
+    Two forward paths:
+
+    * float (calibration, and any layer without integer state): `F.linear(x̂, W)` with the per-token
+      fake-quantized input x̂ and whatever weight the layer holds;
+    * integer domain, once `use_integer_weight(state)` has given it the layer's codes and scales and the
+      input is activation-quantized: `integer_linear` — the exact integer product of centred codes, then
+      the scales, i.e. the BTC layer's arithmetic. Mathematically the same function as the float path;
+      in floating point it is the one the packed runtime computes, so a fake-quant model and its packed
+      export give bit-identical outputs (a float-path rounding difference of one ulp can move a
+      downstream activation across a rounding boundary, and at A4 such flips add up over many layers).
+      Inference only: it passes no gradient.
+    """
 
     def __init__(self, linear: nn.Linear, quant: LayerQuant):
         super().__init__()
@@ -37,9 +55,30 @@ class QuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.quant = quant
+        self.register_buffer("centred_codes", None, persistent=False)
+        self.register_buffer("code_scales", None, persistent=False)
+        self.centred_max_abs = 0.0
+
+    @torch.no_grad()
+    def use_integer_weight(self, state: QuantizedWeight) -> None:
+        """Run inference in the integer domain with this integer state (the weight already holds its
+        dequantized values; the state's codes are what the packed export stores)."""
+        if tuple(state.codes.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"integer state {list(state.codes.shape)} does not fit a "
+                             f"{self.in_features}->{self.out_features} linear")
+        centred = state.centred()
+        device = self.weight.device
+        self.centred_codes = centred.values.to(device)
+        self.code_scales = centred.scale.to(device)
+        self.centred_max_abs = centred.max_abs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quantize_activation(x, self.quant.act_bits), self.weight, self.bias)
+        bits = self.quant.act_bits
+        if self.centred_codes is not None and bits < FP_BITS:
+            weight = CentredWeight(self.centred_codes, self.code_scales, self.quant.weight.group_size,
+                                   self.centred_max_abs)
+            return integer_linear(x, weight, bits, self.bias)
+        return F.linear(fake_quantize_activation(x, bits), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         w = self.quant.weight
@@ -142,9 +181,12 @@ def wrap_linears(
 def apply_rtn(
     model: nn.Module, adapter: Adapter, layer_quant: Callable[[str], LayerQuant | None], kv_bits: int
 ) -> dict[str, QuantLinear]:
-    """Round-to-nearest fake quantization of the whole model, in place."""
+    """Round-to-nearest fake quantization of the whole model, in place: each quantized linear holds its
+    dequantized weight and runs in the integer domain (see `QuantLinear`)."""
     wrapped = wrap_linears(model, adapter, layer_quant)
     for qlinear in wrapped.values():
-        qlinear.weight.copy_(fake_quantize_weight(qlinear.weight.float(), qlinear.quant.weight))
+        state = quantize_weight(qlinear.weight, qlinear.quant.weight)
+        qlinear.weight.copy_(state.dequantize().to(qlinear.weight.dtype))
+        qlinear.use_integer_weight(state)
     set_kv_quant(model, adapter, kv_bits)
     return wrapped

@@ -140,11 +140,34 @@ class QuantizedWeight:
     zero: torch.Tensor
     spec: WeightQuantSpec
 
-    def dequantize(self) -> torch.Tensor:
+    def _col_group(self) -> torch.Tensor:
         k = self.codes.shape[1]
-        g = self.spec.group_size or k
-        col_group = torch.arange(k) // g
+        return torch.arange(k, device=self.codes.device) // (self.spec.group_size or k)
+
+    def dequantize(self) -> torch.Tensor:
+        col_group = self._col_group()
         return (self.codes.float() - self.zero[:, col_group]) * self.scale[:, col_group]
+
+    def centred(self) -> CentredWeight:
+        """The operand of integer-domain inference: `codes − zero` per row and group."""
+        values = self.codes.float() - self.zero[:, self._col_group()]
+        max_abs = float(values.abs().max()) if values.numel() else 0.0
+        return CentredWeight(values, self.scale.float(), self.spec.group_size, max_abs)
+
+
+@dataclass
+class CentredWeight:
+    """A quantized weight as integer-domain inference uses it (`abqcli.btc.gemm.integer_linear`).
+
+    values: float32 [N, K], `codes − zero` per row and group: exact small integers (zero points are
+    integers); scale: float32 [N, G]; max_abs: max |values| (decides when float32 sums stay exact).
+    The layer output is `sa · Σ_g sw_g · Σ_{k∈g} (qa − za)·values` — the BTC epilogue's bracket.
+    """
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    group_size: int | None
+    max_abs: float
 
 
 @torch.no_grad()
