@@ -41,20 +41,9 @@ def rtn_export(model, tokenizer, recipe, target: Path, source: str) -> None:
     from abqcli.export import write_packed
     from abqcli.models.adapters import adapter_for
     from abqcli.quant.fakequant import apply_rtn
-    from abqcli.quant.quantizer import quantize_weight
     from abqcli.recipe import describe, dump_recipe
 
-    adapter = adapter_for(model)
-    originals = {}
-    for index, block in enumerate(adapter.blocks(model)):
-        for rel in adapter.linear_names(block):
-            originals[f"{adapter.block_prefix(index)}.{rel}"] = block.get_submodule(rel).weight.detach().clone()
-    wrapped = apply_rtn(model, adapter, recipe.layer_quant, recipe.kv_bits)
-    states = {}
-    with torch.no_grad():
-        for name, qlinear in wrapped.items():
-            states[name] = quantize_weight(originals[name], qlinear.quant.weight)
-            qlinear.weight.copy_(states[name].dequantize().to(qlinear.weight.dtype))
+    wrapped, states = apply_rtn(model, adapter_for(model), recipe.layer_quant, recipe.kv_bits)
     layers = {name: q.quant for name, q in wrapped.items()}
     write_packed(target, model, tokenizer, dump_recipe(recipe), recipe.kv_bits, layers, states,
                  {"model": source, "method": "rtn", "scheme": describe(recipe)})

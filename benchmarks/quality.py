@@ -3,7 +3,8 @@
 A benchmark script, not a test: it measures and writes numbers.
 
     python benchmarks/quality.py --data-dir ../shared/data                 # the full protocol
-    python benchmarks/quality.py --schemes w4a4 --limit 4 --ablation none  # a quick look
+    python benchmarks/quality.py --schemes W4A4 --limit 4 --ablation none  # a quick look
+    python benchmarks/quality.py --schemes W4A8 --ablation none --merge   # add a row to quality.json
 
 Each ABQ calibration runs `abq quantize` in a subprocess (so its peak RSS is its own), from the
 `configs/smollm2-*.yaml` recipes (calibration budget overridable with --nsamples/--seqlen/--epochs).
@@ -92,6 +93,9 @@ def markdown(results: dict) -> str:
                      f"{row['abq']['calibration_seconds']:.0f} | {row['abq']['peak_rss_mb']:.0f} |")
     if results.get("ablation"):
         lines += ["", "Ablation (W4A4):", "", "| variant | ABQ ppl | calibration s |", "|---|---|---|"]
+        full = results["schemes"].get("W4A4")
+        if full:
+            lines.append(f"| full ABQ | {full['abq']['ppl']:.3f} | {full['abq']['calibration_seconds']:.0f} |")
         for name, row in results["ablation"].items():
             lines.append(f"| {name} | {row['ppl']:.3f} | {row['calibration_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -127,7 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of " + ", ".join(SCHEMES))
-    parser.add_argument("--ablation", default="all", choices=["all", "none"])
+    parser.add_argument("--ablation", default="all",
+                        help="W4A4 ablations to run: all, none, or a comma-separated subset of " + ", ".join(ABLATIONS))
     parser.add_argument("--limit", type=int, default=16, help="evaluation windows")
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--nsamples", type=int, help="override the recipes' calibration windows")
@@ -136,6 +141,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild quality.md and quality.png from an existing (maybe partial) quality.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other rows of an existing quality.json with the same protocol and "
+                             "replace only the schemes / ablations run now")
     args = parser.parse_args()
     from abqcli.recipe import load_recipe
 
@@ -144,9 +152,16 @@ def main() -> None:
     if args.report_only:
         report(json.loads((out / "quality.json").read_text()), out)
         return
+    protocol = {"windows": args.limit, "seqlen": args.eval_seqlen, "data_dir": args.data_dir,
+                "calibration_overrides": {k: getattr(args, k) for k in ("nsamples", "seqlen", "epochs")}}
+    results = {"protocol": protocol, "schemes": {}, "ablation": {}}
+    if args.merge and (out / "quality.json").is_file():
+        previous = json.loads((out / "quality.json").read_text())
+        if previous.get("protocol") != protocol:
+            raise SystemExit(f"--merge: quality.json was measured with {previous.get('protocol')}, not {protocol}")
+        results.update(previous)
     print("FP", flush=True)
-    results = {"protocol": {"windows": args.limit, "seqlen": args.eval_seqlen, "data_dir": args.data_dir},
-               "fp": evaluate(args, "smollm2-135m"), "schemes": {}, "ablation": {}}
+    results["fp"] = evaluate(args, "smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for name in args.schemes.split(","):
@@ -158,8 +173,9 @@ def main() -> None:
             results["schemes"][name] = {"recipe": recipe_path, "bits_per_weight": bits_per_weight(recipe),
                                         "rtn_ppl": rtn["ppl"], "abq": abq}
             (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
-        if args.ablation == "all":
-            for name, sets in ABLATIONS.items():
+        if args.ablation != "none":
+            chosen = ABLATIONS if args.ablation == "all" else {n: ABLATIONS[n] for n in args.ablation.split(",")}
+            for name, sets in chosen.items():
                 print(f"W4A4 {name}", flush=True)
                 results["ablation"][name] = calibrate(args, SCHEMES["W4A4"], sets, workdir)
                 (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")

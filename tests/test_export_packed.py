@@ -50,10 +50,11 @@ def rtn_model(model_dir: Path, layer_quant, kv_bits: int):
     for index, block in enumerate(adapter.blocks(model)):
         for rel in adapter.linear_names(block):
             originals[f"{adapter.block_prefix(index)}.{rel}"] = block.get_submodule(rel).weight.detach().clone()
-    wrapped = apply_rtn(model, adapter, select, kv_bits)
-    states = {name: quantize_weight(originals[name], qlinear.quant.weight) for name, qlinear in wrapped.items()}
+    wrapped, states = apply_rtn(model, adapter, select, kv_bits)
     for name, qlinear in wrapped.items():
-        assert torch.equal(qlinear.weight, states[name].dequantize())
+        expected = quantize_weight(originals[name], qlinear.quant.weight)
+        assert torch.equal(states[name].codes, expected.codes)
+        assert torch.equal(qlinear.weight, expected.dequantize())
     layers = {name: qlinear.quant for name, qlinear in wrapped.items()}
     return model, tokenizer, layers, states
 

@@ -162,7 +162,7 @@ def test_smollm2_alias_without_package(monkeypatch, alias):
 def rtn_model(path, spec: str, sets=()):
     model = load_model(str(path))[0]
     recipe = load_recipe(spec, ["output.formats=[hf-fakequant]", *sets])
-    wrapped = apply_rtn(model, adapter_for(model), recipe.layer_quant, recipe.kv_bits)
+    wrapped, _ = apply_rtn(model, adapter_for(model), recipe.layer_quant, recipe.kv_bits)
     return model, wrapped
 
 

@@ -180,13 +180,15 @@ def wrap_linears(
 @torch.no_grad()
 def apply_rtn(
     model: nn.Module, adapter: Adapter, layer_quant: Callable[[str], LayerQuant | None], kv_bits: int
-) -> dict[str, QuantLinear]:
+) -> tuple[dict[str, QuantLinear], dict[str, QuantizedWeight]]:
     """Round-to-nearest fake quantization of the whole model, in place: each quantized linear holds its
-    dequantized weight and runs in the integer domain (see `QuantLinear`)."""
+    dequantized weight and runs in the integer domain (see `QuantLinear`). Returns the wrappers and
+    their integer states (what an export writes), both keyed by full module name."""
     wrapped = wrap_linears(model, adapter, layer_quant)
-    for qlinear in wrapped.values():
-        state = quantize_weight(qlinear.weight, qlinear.quant.weight)
-        qlinear.weight.copy_(state.dequantize().to(qlinear.weight.dtype))
-        qlinear.use_integer_weight(state)
+    states = {}
+    for name, qlinear in wrapped.items():
+        states[name] = quantize_weight(qlinear.weight, qlinear.quant.weight)
+        qlinear.weight.copy_(states[name].dequantize().to(qlinear.weight.dtype))
+        qlinear.use_integer_weight(states[name])
     set_kv_quant(model, adapter, kv_bits)
-    return wrapped
+    return wrapped, states
