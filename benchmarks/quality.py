@@ -31,6 +31,7 @@ SCHEMES = {  # name -> recipe file
     "W6A6": "configs/smollm2-w6a6.yaml",
     "W4A4": "configs/smollm2-w4a4.yaml",
     "W2*A8": "configs/smollm2-w2star-a8.yaml",
+    "W2*A8g128": "configs/smollm2-w2star-a8-g128.yaml",  # not in the list: per-channel W2* is hopeless here
 }
 ABLATIONS = {  # name -> recipe overrides, applied to W4A4
     "no MSE": ["calibration.loss.mse=false"],
@@ -38,6 +39,9 @@ ABLATIONS = {  # name -> recipe overrides, applied to W4A4
     "no attention KL": ["calibration.loss.attention_kl=false"],
     "no LWC": ["calibration.lwc.enabled=false"],
     "no LET": ["calibration.let.enabled=false"],
+    # nothing off, other calibration windows: how far the perplexity moves by chance at this budget
+    "seed 3 (nothing off)": ["calibration.seed=3"],
+    "seed 4 (nothing off)": ["calibration.seed=4"],
 }
 
 
@@ -164,7 +168,7 @@ def main() -> None:
     results["fp"] = evaluate(args, "smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for name in args.schemes.split(","):
+        for name in filter(None, args.schemes.split(",")):
             recipe_path = SCHEMES[name]
             print(name, flush=True)
             rtn = evaluate(args, "smollm2-135m", recipe_path)
@@ -174,7 +178,7 @@ def main() -> None:
                                         "rtn_ppl": rtn["ppl"], "abq": abq}
             (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
         if args.ablation != "none":
-            chosen = ABLATIONS if args.ablation == "all" else {n: ABLATIONS[n] for n in args.ablation.split(",")}
+            chosen = ABLATIONS if args.ablation == "all" else {n: ABLATIONS[n] for n in args.ablation.split(",") if n}
             for name, sets in chosen.items():
                 print(f"W4A4 {name}", flush=True)
                 results["ablation"][name] = calibrate(args, SCHEMES["W4A4"], sets, workdir)

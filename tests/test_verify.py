@@ -84,6 +84,20 @@ def test_verify_detects_a_wrong_integer_gemm(tiny_llama, tmp_path, monkeypatch, 
     assert any("integer GEMM differs" in p for p in report.problems)
 
 
+def test_verify_command_table_and_json(tiny_llama, tmp_path, capsys, no_data_dir_env):
+    from abqcli.cli import main
+
+    export_packed(tiny_llama, tmp_path / "packed", SCHEMES["w4a4"][0], 4)
+    code = main(["verify", str(tmp_path / "packed"), "--seqlen", "32", "--windows", "1",
+                 "--json", str(tmp_path / "v.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "1.000e-05" in out  # the layer tolerance is shown, not rounded to 0.0000
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["ok"] and report["ppl_packed"] == report["ppl_fakequant"]
+    assert len(report["layers"]) == 14
+
+
 def test_verify_refuses_bad_input(tiny_llama, tmp_path):
     from abqcli.btc import cuda as btc_cuda
     from abqcli.verify import verify_export

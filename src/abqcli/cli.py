@@ -52,12 +52,19 @@ def _write_json(path: Path | None, payload: dict) -> None:
     err.print(f"wrote {path}")
 
 
+def _format_value(value: object) -> str:
+    """Floats with 4 decimals, or in scientific notation when that would hide them (tolerances, errors)."""
+    if isinstance(value, float):
+        return f"{value:.3e}" if value != 0.0 and abs(value) < 1e-3 else f"{value:.4f}"
+    return str(value)
+
+
 def _table(title: str, rows: dict) -> Table:
     table = Table(title=title, show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in rows.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(key, _format_value(value))
     return table
 
 
