@@ -247,3 +247,7 @@ def test_quant_linear_integer_path_is_the_packed_arithmetic(group, k):
         assert torch.equal(y_int, btc_linear(x, pw, 6, bias=linear.bias))
     with pytest.raises(ValueError, match="does not fit"):
         qlinear.use_integer_weight(quantize_weight(w[:, :64], WeightQuantSpec(4)))
+    weight_only = QuantLinear(linear, LayerQuant(spec, 16))
+    weight_only.use_integer_weight(quantize_weight(w, spec))  # keeps no second copy of the weight
+    assert weight_only.centred_codes is None
+    assert torch.equal(weight_only(x), F.linear(x, linear.weight, linear.bias))

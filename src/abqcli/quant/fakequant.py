@@ -66,6 +66,8 @@ class QuantLinear(nn.Module):
         if tuple(state.codes.shape) != (self.out_features, self.in_features):
             raise ValueError(f"integer state {list(state.codes.shape)} does not fit a "
                              f"{self.in_features}->{self.out_features} linear")
+        if self.quant.act_bits >= FP_BITS:
+            return  # weight-only: F.linear on the dequantized weight is already the packed arithmetic
         centred = state.centred()
         device = self.weight.device
         self.centred_codes = centred.values.to(device)
