@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.quant.act_bits
-        if self.centred_codes is not None and bits < FP_BITS:
+        if self.centred_codes is not None:  # only activation-quantized layers hold them
             weight = CentredWeight(self.centred_codes, self.code_scales, self.quant.weight.group_size,
                                    self.centred_max_abs)
             return integer_linear(x, weight, bits, self.bias)
