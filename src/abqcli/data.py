@@ -39,6 +39,7 @@ class TextSource:
     name: str
     origin: str  # file path, or "hub:<id>"
     text: str
+    file: str  # the file as named, machine-independent: the path as given, or relative to the data dir
 
     @property
     def sha256(self) -> str:
@@ -59,7 +60,7 @@ def load_text(dataset: str, split: str = "test", directory: str | os.PathLike | 
     path = Path(dataset).expanduser()
     if dataset not in DATASET_FILES:
         if path.is_file():
-            return TextSource(dataset, str(path), _read(path))
+            return TextSource(dataset, str(path), _read(path), dataset)
         if path.suffix or os.sep in dataset:
             raise InputError(f"data file not found: {dataset}")
         raise InputError(
@@ -71,7 +72,7 @@ def load_text(dataset: str, split: str = "test", directory: str | os.PathLike | 
     if root is not None:
         for rel in candidates:
             if (root / rel).is_file():
-                return TextSource(dataset, str(root / rel), _read(root / rel))
+                return TextSource(dataset, str(root / rel), _read(root / rel), rel)
     if _hub_allowed():
         return _load_from_hub(dataset, split)
     where = f"in data directory {root}" if root else f"(no --data-dir given and ${DATA_DIR_ENV} is not set)"
@@ -105,7 +106,8 @@ def _load_from_hub(dataset: str, split: str) -> TextSource:  # pragma: no cover 
     if dataset == "c4" and split == "test":
         hub_split = "validation"
     rows = datasets.load_dataset(*args, split=hub_split)
-    return TextSource(dataset, f"hub:{'/'.join(args)}:{hub_split}", joiner.join(rows[column]))
+    origin = f"hub:{'/'.join(args)}:{hub_split}"
+    return TextSource(dataset, origin, joiner.join(rows[column]), origin)
 
 
 def tokenize(tokenizer, text: str) -> tuple[torch.Tensor, bool]:

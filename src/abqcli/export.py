@@ -322,8 +322,9 @@ def write_packed(target: Path, model: nn.Module, tokenizer, recipe_yaml: str, kv
         tensors, tied = _unquantized_tensors(model, set(packed))
         for name, pw in packed.items():
             tensors.update(packed_weight_to_tensors(name, pw))
-        save_file(tensors, str(tmp / PACKED_WEIGHTS), metadata={"format": "pt", "abq_format": TENSOR_FORMAT,
-                                                               "abq_format_version": str(FORMAT_VERSION)})
+        # one metadata key: safetensors writes its metadata map in a per-process random order, so more
+        # keys would make two identical exports differ in bytes (config.json holds the format facts)
+        save_file(tensors, str(tmp / PACKED_WEIGHTS), metadata={"format": "pt"})
         modules = {name: {**packed_weight_meta(pw), "act_bits": layers[name].act_bits}
                    for name, pw in packed.items()}
         config = _model_config_dict(model, tmp)

@@ -11,6 +11,7 @@ Output layout (predictable whatever the recipe lists):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -103,6 +104,47 @@ def calibration_windows(recipe: Recipe, tokenizer, data_dir: str | None):
     return data.calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed), text
 
 
+def model_sha256(source) -> str:
+    """sha256 over the files a model was loaded from (the GGUF file, or the config and weight files of
+    its directory, in name order): identifies the model without naming a path of this machine."""
+    from abqcli.export import sha256_file
+
+    if source.origin or source.gguf_file:
+        files = [Path(source.origin or Path(source.directory) / source.gguf_file)]
+    else:
+        directory = Path(source.directory)
+        if not directory.is_dir():  # a hub id: its snapshot folder in the local cache
+            from huggingface_hub import try_to_load_from_cache
+
+            directory = Path(try_to_load_from_cache(source.directory, "config.json")).parent
+        files = sorted(p for p in directory.iterdir() if p.name == "config.json"
+                       or p.suffix in (".safetensors", ".bin"))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def build_provenance(recipe: Recipe, source, text, fingerprint: str) -> dict:
+    """What produced an export, recorded in its abq.json: names as the recipe gives them and content
+    hashes, never an absolute path of this machine (so identical runs give identical files anywhere)."""
+    cal = recipe.calibration
+    return {
+        "model": recipe.model.path,
+        "model_sha256": model_sha256(source),
+        "dataset": cal.dataset,
+        "dataset_file": text.file,
+        "dataset_sha256": text.sha256,
+        "nsamples": cal.nsamples,
+        "seqlen": cal.seqlen,
+        "seed": cal.seed,
+        "method": cal.method,
+        "scheme": describe(recipe),
+        "fingerprint": fingerprint,
+    }
+
+
 def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = False, resume: bool = False,
                  progress: Progress | None = None) -> dict:
     """Calibrate per the recipe and write every requested format; returns the summary (also in quant_log)."""
@@ -134,18 +176,7 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     result: CalibrationResult = calibrator.run(resume=resume)
     (out_dir / "recipe.yaml").write_text(recipe_yaml)
     set_kv_quant(model, adapter, result.kv_bits)
-    provenance = {
-        "model": source.describe(),
-        "dataset": cal.dataset,
-        "dataset_file": text.origin,
-        "dataset_sha256": text.sha256,
-        "nsamples": cal.nsamples,
-        "seqlen": cal.seqlen,
-        "seed": cal.seed,
-        "method": cal.method,
-        "scheme": describe(recipe),
-        "fingerprint": result.fingerprint,
-    }
+    provenance = build_provenance(recipe, source, text, result.fingerprint)
     outputs = {}
     if "hf-fakequant" in recipe.output.formats:
         outputs["hf-fakequant"] = str(out_dir / "hf-fakequant")
