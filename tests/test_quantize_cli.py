@@ -135,7 +135,8 @@ def first_window(directory: Path, text: Path, seqlen: int = 32) -> torch.Tensor:
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_quantize_output_layout(runs, case):
     out = runs.get(*case)
-    assert sorted(p.name for p in out.iterdir()) == ["hf-fakequant", "quant_log.json", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["abq-output.json", "hf-fakequant", "quant_log.json",
+                                                     "recipe.yaml"]
     fq = out / "hf-fakequant"
     for name in ("config.json", "model.safetensors", "quant_state.safetensors", "abq.json", "recipe.yaml"):
         assert (fq / name).is_file(), name
@@ -346,18 +347,24 @@ def test_resume_with_a_changed_recipe_is_refused(runs, tmp_path, monkeypatch, ca
 
 
 def test_resume_with_nothing_to_resume(runs, tmp_path, capsys):
+    # no output yet: --resume starts from the beginning and says so (a CI retry loop can always resume)
     recipe = runs.recipe(tmp_path, "llama")
     rc = abq(tmp_path, "quantize", recipe, "--resume")
-    line = error_line(capsys.readouterr().err)
-    assert rc == 2
-    assert "nothing to resume" in line
-    assert not (tmp_path / "out").exists()
-    # a completed output has no checkpoint either; it is left as it is
+    err = flat(capsys.readouterr().err)
+    assert rc == 0, err
+    assert "nothing to resume" in err and "starting from the beginning" in err
+    assert_same_files(runs.get("llama") / "hf-fakequant", tmp_path / "out" / "hf-fakequant")
+    # a completed output of this very recipe: nothing to do, nothing touched
     done = runs.get("llama")
     before = dir_bytes(done)
     rc = abq(tmp_path, "quantize", recipe, "--resume", "--output", done)
+    assert rc == 0
+    assert "already complete" in flat(capsys.readouterr().err)
+    assert dir_bytes(done) == before
+    # ... of another recipe: refused, nothing touched
+    rc = abq(tmp_path, "quantize", recipe, "--resume", "--output", done, "--set", "calibration.seed=3")
     assert rc == 2
-    assert "nothing to resume" in error_line(capsys.readouterr().err)
+    assert "different recipe" in error_line(capsys.readouterr().err)
     assert dir_bytes(done) == before
 
 

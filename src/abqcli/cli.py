@@ -8,16 +8,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from abqcli import __version__
-from abqcli.errors import EXIT_RUNTIME, AbqError, InputError
+from abqcli.errors import EXIT_RUNTIME, AbqError, InputError, RunError
 
 HELP = """abq: arbitrary-bit (ABQ-LLM) quantization of LLMs into the BTC bit-plane format.
 
@@ -42,14 +44,39 @@ SetOpt = Annotated[list[str], typer.Option("--set", help="Override a recipe fiel
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON to this path.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, float16 or bfloat16.")]
+PLAIN_LINES = 20  # at most about this many plain progress lines per loop where stderr is not a terminal
+
+
+def _check_json_path(path: Path | None) -> None:
+    """Refuse a --json path that cannot be written, before any model loads: a directory, a parent that is
+    a file, a place where no file can be created (probed by opening the file for appending, or a temporary
+    file in its nearest existing folder; nothing is left behind). Missing folders are fine: they are made."""
+    if path is None:
+        return
+    try:
+        if path.is_dir():
+            raise InputError(f"--json {path}: is a directory, expected a file path")
+        if path.exists():
+            with open(path, "ab"):
+                return
+        folder = next(p for p in path.parents if p.exists())
+        if not folder.is_dir():
+            raise InputError(f"--json {path}: {folder} is not a directory")
+        with tempfile.TemporaryFile(dir=folder):
+            return
+    except OSError as exc:
+        raise InputError(f"--json {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _write_json(path: Path | None, payload: dict) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    err.print(f"wrote {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise RunError(f"cannot write --json {path}: {exc.strerror or exc}") from None
+    err.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _format_value(value: object) -> str:
@@ -74,6 +101,22 @@ def _progress() -> Progress:
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=err, disable=not err.is_terminal,
     )
+
+
+def _plain(progress: Progress, text: str) -> None:
+    """A progress line on stderr where it is not a terminal (CI logs, pipes), where rich draws no bars."""
+    if progress.disable:
+        progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _status_callback(progress: Progress, task: TaskID) -> Callable[[str], None]:
+    """`on_status(text)` for a library call: the phase in the bar's info column, or a plain line."""
+
+    def on_status(text: str) -> None:
+        progress.update(task, info=text)
+        _plain(progress, text)
+
+    return on_status
 
 
 def _eval_recipe(recipe: str | None, scheme: str | None, group_size: int | None, sets: list[str]):
@@ -117,31 +160,39 @@ def eval_cmd(
     """Perplexity of a model (FP, RTN fake-quant, or an abq output) by the GPTQ/ABQ protocol."""
     from abqcli.evaluate import EvalRequest, run_eval
 
+    _check_json_path(json_path)
     req = EvalRequest(model, dataset, data_dir, seqlen, limit, device, dtype,
                       _eval_recipe(recipe, scheme, group_size, sets), backend)
     with _progress() as progress:
-        task = progress.add_task("perplexity", total=None, info="loading")
+        task = progress.add_task("perplexity", total=None, info="")
 
         def on_window(i: int, n: int, ppl: float) -> None:
             progress.update(task, total=n, completed=i + 1, info=f"ppl {ppl:.3f}")
+            if (i + 1) % max(1, n // PLAIN_LINES) == 0 or i + 1 == n:
+                _plain(progress, f"window {i + 1}/{n}: ppl {ppl:.3f}")
 
-        result = run_eval(req, on_window)
+        result = run_eval(req, on_window, _status_callback(progress, task))
     out.print(_table("abq eval", result.to_dict()))
     _write_json(json_path, result.to_dict())
 
 
 class RichCalibrationProgress:
-    """Renders the calibration loop: one bar per block, then a line with loss first -> last, time, memory."""
+    """Renders the calibration loop: one bar per block, then a line with loss first -> last, time, memory.
+
+    Blocks are shown counted from 1 (`block 1/30`); quant_log.json keeps the 0-based index as data."""
 
     def __init__(self, progress: Progress):
         self.progress = progress
         self.task = None
+        self.num_blocks = 0
+
+    def _name(self, block: int) -> str:
+        return f"block {block + 1}/{self.num_blocks}"
 
     def block_start(self, block: int, num_blocks: int, steps: int) -> None:
-        self.task = self.progress.add_task(f"block {block + 1}/{num_blocks}", total=steps, info="")
-        if self.progress.disable:  # not a terminal: one plain line per block start and end
-            self.progress.console.print(f"block {block}/{num_blocks}: training {steps} steps", markup=False,
-                                        highlight=False)
+        self.num_blocks = num_blocks
+        self.task = self.progress.add_task(self._name(block), total=steps, info="")
+        _plain(self.progress, f"{self._name(block)}: " + (f"training {steps} steps" if steps else "rounding"))
 
     def step(self, block: int, epoch: int, step: int, loss: float) -> None:
         if self.task is not None:
@@ -152,7 +203,7 @@ class RichCalibrationProgress:
             self.progress.remove_task(self.task)
             self.task = None
         loss = "rtn" if log.loss_first is None else f"loss {log.loss_first:.5f} -> {log.loss_last:.5f}"
-        self.progress.console.print(f"block {log.block}: {loss}, {log.seconds:.1f} s, "
+        self.progress.console.print(f"{self._name(log.block)}: {loss}, {log.seconds:.1f} s, "
                                     f"peak {log.peak_memory_mb:.0f} MB", markup=False, highlight=False)
 
 
@@ -163,9 +214,11 @@ def quantize_cmd(
     data_dir: DataDirOpt = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Output directory "
                                                   "(overrides output.dir).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing abq output directory (once the new "
+                                            "one is complete).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint "
-                                         "(same model, recipe and data).")] = False,
+                                         "(same model, recipe and data); with no checkpoint yet, "
+                                         "start from the beginning.")] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Calibrate a model with ABQ (or RTN) per a recipe and write the requested formats.
@@ -173,18 +226,21 @@ def quantize_cmd(
     A checkpoint is written after every block: after Ctrl-C or a crash, run the same command with
     --resume. The output directory gets recipe.yaml, quant_log.json and one folder per format.
     """
-    from abqcli.pipeline import run_quantize
+    from abqcli.pipeline import QuantizeInterrupted, run_quantize
     from abqcli.recipe import describe, load_recipe
 
-    resolved = load_recipe(recipe, [*sets, *([f"output.dir={output}"] if output else [])])
+    _check_json_path(json_path)
+    if output is not None and not output.strip():
+        raise InputError("--output is empty: give the output directory")
+    resolved = load_recipe(recipe, [*sets, *([f"output.dir={output}"] if output is not None else [])])
     err.print(f"abq quantize: {describe(resolved)}, method {resolved.calibration.method}, "
               f"model {resolved.model.path} -> {resolved.output.dir}", markup=False, highlight=False)
     try:
         with _progress() as progress:
-            summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress))
-    except KeyboardInterrupt:
-        err.print(f"interrupted: completed blocks are checkpointed in {resolved.output.dir}/checkpoint; "
-                  "rerun with --resume", markup=False, highlight=False)
+            summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress),
+                                   lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
+    except QuantizeInterrupted as exc:
+        err.print(exc.advice, markup=False, highlight=False, soft_wrap=True)
         raise
     rows = {k: v for k, v in summary.items() if k not in ("blocks", "provenance", "outputs")}
     rows.update({f"output {k}": v for k, v in summary["outputs"].items()})
@@ -196,7 +252,8 @@ def quantize_cmd(
 def pack_cmd(
     directory: Annotated[Path, typer.Argument(help="An hf-fakequant output directory of abq quantize.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the abq-packed export.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing abq output directory (once the new "
+                                            "one is complete).")] = False,
 ) -> None:
     """Pack an hf-fakequant output into the BTC bit-plane format (abq-packed)."""
     from abqcli.export import pack_fakequant
@@ -221,12 +278,12 @@ def verify_cmd(
     reference bit for bit, and the float output must match the fake-quant layer. End to end: logits
     (max relative difference) and perplexity against fake-quant. Exit 1 on any failure.
     """
-    from abqcli.errors import RunError
     from abqcli.verify import verify_export
 
+    _check_json_path(json_path)
     with _progress() as progress:
-        progress.add_task("verifying", total=None, info="")
-        report = verify_export(directory, backend, data_dir, dataset, windows, seqlen)
+        on_status = _status_callback(progress, progress.add_task("verifying", total=None, info=""))
+        report = verify_export(directory, backend, data_dir, dataset, windows, seqlen, on_status=on_status)
     summary = {k: v for k, v in report.to_dict().items() if k != "layers"}
     out.print(_table("abq verify", summary))
     _write_json(json_path, report.to_dict())
@@ -242,6 +299,7 @@ def inspect_cmd(
     """Per-layer bits, planes, group size and bytes; bits per weight; size against fp16."""
     from abqcli.verify import inspect_export
 
+    _check_json_path(json_path)
     report = inspect_export(directory)
     layers = report.get("layers", {})
     table = Table(title="abq inspect: layers")

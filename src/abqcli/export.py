@@ -14,15 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from abqcli import __version__
+from abqcli import __version__, outputs
 from abqcli.errors import InputError
 from abqcli.quant.quantizer import LayerQuant, QuantizedWeight, WeightQuantSpec
 
@@ -31,6 +32,12 @@ RECIPE_YAML = "recipe.yaml"
 QUANT_STATE = "quant_state.safetensors"
 FAKEQUANT = "hf-fakequant"
 FAKEQUANT_VERSION = 1
+MANIFEST_SHA256 = "manifest_sha256"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# files that transformers' loaders read when present: the manifest must cover them too
+READ_IF_PRESENT = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
 
 
 def sha256_file(path: Path) -> str:
@@ -42,27 +49,33 @@ def sha256_file(path: Path) -> str:
 
 
 def write_dir_atomically(target: Path, fill: Callable[[Path], None], overwrite: bool = True) -> None:
-    """Run `fill(tmp)` on a fresh sibling directory, then move it to `target`."""
+    """Run `fill(tmp)` on a fresh sibling directory, then swap it in as `target` (`outputs.replacing`:
+    a previous `target` is removed only once the new one is complete)."""
     target = Path(target)
     if target.exists() and not overwrite:
         raise InputError(f"output directory exists: {target} (pass --overwrite to replace it)")
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with outputs.replacing(target) as tmp:
         fill(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    """Write abq.json with the sha256 of every other file in the directory."""
+    """Write abq.json with the sha256 of every other file in the directory, sealed by `manifest_sha256`."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != ABQ_JSON)
     manifest = {**manifest, "files": {str(p.relative_to(directory)): sha256_file(p) for p in files}}
-    (directory / ABQ_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    manifest[MANIFEST_SHA256] = manifest_digest(manifest)
+    (directory / ABQ_JSON).write_text(_canonical_json(manifest))
+
+
+def _canonical_json(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own `manifest_sha256`: abq.json sets how the
+    model computes (activation and kv bits), so it is checked like the files it lists. Computed over
+    the parsed content, so only a change of meaning (not of whitespace or key order) breaks it."""
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_SHA256}
+    return hashlib.sha256(_canonical_json(body).encode()).hexdigest()
 
 
 def read_json(path: Path) -> object:
@@ -71,24 +84,103 @@ def read_json(path: Path) -> object:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: not UTF-8 text (byte {exc.start})") from exc
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict:
-    """abq.json of an output directory, its files' checksums verified; InputError if anything is off."""
-    path = Path(directory) / ABQ_JSON
+    """abq.json of an output directory, checked: a format version this abq reads, well-formed `files`
+    and `layers`, every file its format's reader needs listed, the manifest's own seal and (`verify`)
+    the listed files' checksums. InputError if anything is off."""
+    directory = Path(directory)
+    path = directory / ABQ_JSON
     if not path.is_file():
         raise InputError(f"not an abq output directory (no {ABQ_JSON}): {directory}")
     manifest = read_json(path)
     if not isinstance(manifest, dict) or "format" not in manifest or "files" not in manifest:
         raise InputError(f"{path} is not an abq manifest (missing 'format' or 'files')")
+    fmt = manifest["format"]
+    supported = _supported_version(fmt)
+    if supported is not None:  # a newer abq's manifest is refused as such, whatever else it holds
+        check_format(manifest, fmt, supported, directory)
+    files = _checked_files(manifest["files"], path)
+    _check_layers(manifest, path)
+    for name in _required_files(directory, fmt):
+        if name not in files:
+            raise InputError(f"{path} does not list {name}, which the {fmt} reader needs: the export is "
+                             f"incomplete or its manifest was edited")
+    if manifest.get(MANIFEST_SHA256) != manifest_digest(manifest):
+        raise InputError(f"{path} was modified or is corrupted (its {MANIFEST_SHA256} does not match its "
+                         f"content)")
     if verify:
-        for name, expected in manifest["files"].items():
-            file = Path(directory) / name
+        for name, expected in files.items():
+            file = directory / name
             if not file.is_file():
                 raise InputError(f"missing file listed in {ABQ_JSON}: {file}")
             if sha256_file(file) != expected:
                 raise InputError(f"checksum mismatch: {file} is corrupted or was modified")
     return manifest
+
+
+def _supported_version(fmt: object) -> int | None:
+    """The newest format_version of `fmt` this abq reads; None for a format it does not know."""
+    from abqcli.btc.format import FORMAT_VERSION
+
+    return {FAKEQUANT: FAKEQUANT_VERSION, PACKED: FORMAT_VERSION}.get(fmt) if isinstance(fmt, str) else None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _checked_files(files: object, path: Path) -> dict[str, str]:
+    """`files` of a manifest: relative paths inside the directory -> 64-hex sha256, or InputError."""
+    if not isinstance(files, dict):
+        raise InputError(f"{path}: 'files' must map relative paths to sha256 digests, got a {type(files).__name__}")
+    for name, digest in files.items():
+        relative = PurePosixPath(name)
+        if not name or relative.is_absolute() or ".." in relative.parts or "\\" in name:
+            raise InputError(f"{path}: 'files' entry {_short(name)} is not a relative path inside the directory")
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+            raise InputError(f"{path}: 'files' entry {_short(name)} is not a sha256 digest: {_short(digest)}")
+    return files
+
+
+def _check_layers(manifest: dict, path: Path) -> None:
+    """`kv_bits` and the per-layer `bits`, `balance`, `group_size`, `act_bits` have the right types."""
+    layers = manifest.get("layers")
+    if not _is_int(manifest.get("kv_bits")) or not isinstance(layers, dict):
+        raise InputError(f"{path}: 'kv_bits' must be an integer and 'layers' a mapping")
+    for name, meta in layers.items():
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: layer {_short(name)} is not a mapping")
+        group = meta.get("group_size")
+        if not (_is_int(meta.get("bits")) and _is_int(meta.get("act_bits")) and isinstance(meta.get("balance"), bool)
+                and (group is None or _is_int(group))):
+            raise InputError(f"{path}: layer {_short(name)} needs integer bits and act_bits, boolean balance and "
+                             f"integer or null group_size")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _required_files(directory: Path, fmt: object) -> list[str]:
+    """Files of `directory` that its format's reader loads, so the manifest must cover them: the fixed
+    ones of the format, the checkpoint's weight files (hf-fakequant) and the tokenizer and generation
+    files present."""
+    from abqcli.models.loading import SAFETENSORS_INDEX, weight_files
+
+    if fmt == PACKED:
+        required = [CONFIG_JSON, PACKED_WEIGHTS]
+    elif fmt == FAKEQUANT:
+        required = [CONFIG_JSON, QUANT_STATE, *(p.name for p in weight_files(directory))]
+        if (directory / SAFETENSORS_INDEX).is_file():
+            required.append(SAFETENSORS_INDEX)
+    else:
+        return []
+    return required + [name for name in READ_IF_PRESENT if (directory / name).is_file()]
 
 
 def is_abq_output(path: str | os.PathLike) -> bool:
@@ -165,7 +257,9 @@ def check_format(manifest: dict, fmt: str, supported_version: int, directory: Pa
 
 def read_quant_state(directory: Path, manifest: dict) -> dict[str, QuantizedWeight]:
     """The integer state of an hf-fakequant directory."""
-    tensors = load_file(str(Path(directory) / QUANT_STATE))
+    from abqcli.models.loading import load_tensors
+
+    tensors = load_tensors(Path(directory) / QUANT_STATE)
     states = {}
     for name, meta in manifest["layers"].items():
         try:
@@ -187,7 +281,7 @@ def open_fakequant(directory: Path, dtype: str, device: str):
     manifest = read_manifest(directory)
     check_format(manifest, FAKEQUANT, FAKEQUANT_VERSION, directory)
     states = read_quant_state(directory, manifest)
-    model, tokenizer, _ = load_model(str(directory), dtype, device)
+    model, tokenizer, _ = load_model(str(directory), dtype, device, as_fakequant=True)
     layers = {name: layer_quant_from_meta(meta) for name, meta in manifest["layers"].items()}
     adapter = adapter_for(model)
     for name, qlinear in wrap_linears(model, adapter, layers.get).items():
@@ -361,22 +455,32 @@ def pack_fakequant(src_dir: Path, out_dir: Path, overwrite: bool = False) -> Pat
 
     Uses the integer state (`quant_state.safetensors`) for the quantized linears and the checkpoint for
     everything else; the recipe and provenance are carried over (provenance gains `packed_from`).
+    The output is checked (`outputs.resolve_output`: never the source, nor around or inside it) and
+    locked before the model loads; it replaces only an abq output.
     """
-    from abqcli.models.loading import load_model
-
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest = read_manifest(src_dir)
     check_format(manifest, FAKEQUANT, FAKEQUANT_VERSION, src_dir)
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"output directory exists: {out_dir} (pass --overwrite to replace it)")
-    if out_dir.resolve() == src_dir.resolve():
-        raise InputError(f"the packed output cannot replace its source directory: {out_dir}")
+    target = outputs.resolve_output(out_dir, [("the pack source", src_dir)])
+    with outputs.output_lock(target):
+        outputs.remove_stale(target)
+        if target.exists() and not overwrite:
+            raise InputError(f"output directory exists: {out_dir} (pass --overwrite to replace it)")
+        if outputs.entries(target) and not outputs.is_abq_dir(target):
+            outputs.refuse_foreign(target, out_dir)
+        _pack_into(target, src_dir, manifest, overwrite)
+    return out_dir
+
+
+def _pack_into(out_dir: Path, src_dir: Path, manifest: dict, overwrite: bool) -> None:
+    """The body of `pack_fakequant`, once its output is checked and locked."""
+    from abqcli.models.loading import load_model
+
     states = read_quant_state(src_dir, manifest)
     layers = {name: layer_quant_from_meta(meta) for name, meta in manifest["layers"].items()}
-    model, tokenizer, _ = load_model(str(src_dir), "float32", "cpu")
+    model, tokenizer, _ = load_model(str(src_dir), "float32", "cpu", as_fakequant=True)
     recipe_path = src_dir / RECIPE_YAML
     recipe_yaml = recipe_path.read_text() if recipe_path.is_file() else ""
     provenance = {**manifest.get("provenance", {}), "packed_from": str(src_dir)}
     write_packed(out_dir, model, tokenizer, recipe_yaml, manifest["kv_bits"], layers, states, provenance,
                  overwrite=overwrite)
-    return out_dir

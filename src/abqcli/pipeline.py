@@ -2,97 +2,153 @@
 
 Output layout (predictable whatever the recipe lists):
 
+    <output.dir>/abq-output.json      marker: written first, so that --overwrite knows the directory is abq's
     <output.dir>/recipe.yaml          resolved recipe
     <output.dir>/quant_log.json       per-block losses, seconds, peak memory; totals
     <output.dir>/checkpoint/          while running (removed when the run completes)
     <output.dir>/hf-fakequant/        when listed in output.formats
     <output.dir>/abq-packed/          when listed in output.formats
+
+The output is resolved, checked (`abqcli.outputs`: never the model, the working directory or what is not
+abq's) and locked before the model loads. A run's checkpoint lives in `<output.dir>/checkpoint/`; the
+complete new tree is assembled in a temporary sibling and swapped in at the end, so that an interrupted
+`--overwrite` run leaves the previous output as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from abqcli.errors import InputError
-from abqcli.quant.calibrate import CalibrationResult, Calibrator, Progress
+from abqcli.export import FAKEQUANT, PACKED, RECIPE_YAML, read_json
+from abqcli.outputs import (
+    entries,
+    is_abq_dir,
+    output_lock,
+    refuse_foreign,
+    remove_stale,
+    replacing,
+    resolve_output,
+    write_marker,
+)
+from abqcli.quant.calibrate import CHECKPOINT_STATE, CalibrationResult, Calibrator, Progress, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
+from abqcli.recipe_checks import check_loss_terms, check_recipe_fits
 
 QUANT_LOG = "quant_log.json"
 CHECKPOINT_DIR = "checkpoint"
+MARKER_KIND = "abq quantize output"
+# what an output of an abq from before the marker holds: only these names
+PRE_MARKER_NAMES = frozenset({RECIPE_YAML, QUANT_LOG, CHECKPOINT_DIR, FAKEQUANT, PACKED})
+START, RESUME, RESTART, COMPLETE = "start", "resume", "restart", "complete"
 
 
-def check_output_dir(out_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing output unless asked; resuming needs the checkpoint.
-    Only checks: `clear_output_dir` removes the old output once every other input check has passed."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output path exists and is not a directory: {out_dir}")
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a run does with its output: START (new, empty or --overwrite), RESUME (a checkpoint),
+    RESTART (--resume with no checkpoint yet: from the beginning), COMPLETE (--resume of this very
+    recipe's finished output: nothing to do). `checkpointed`: blocks the checkpoint already holds."""
+
+    action: str
+    checkpointed: int = 0
+
+
+class QuantizeInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_quantize`; `advice` says whether a rerun with --resume continues the run."""
+
+    def __init__(self, checkpoint: Path, blocks: int):
+        super().__init__(str(checkpoint), blocks)
+        self.advice = (f"interrupted: {blocks} completed block(s) are checkpointed in {checkpoint}; "
+                       "rerun with --resume" if blocks else
+                       "interrupted before any block was checkpointed: nothing to resume yet")
+
+
+class _CountingProgress(Progress):
+    """Forwards the loop's callbacks; counts the checkpointed blocks (`block_end` follows each save)."""
+
+    def __init__(self, inner: Progress, blocks: int = 0):
+        self.inner, self.blocks = inner, blocks
+
+    def block_start(self, block: int, num_blocks: int, steps: int) -> None:
+        self.inner.block_start(block, num_blocks, steps)
+
+    def step(self, block: int, epoch: int, step: int, loss: float) -> None:
+        self.inner.step(block, epoch, step, loss)
+
+    def block_end(self, log) -> None:
+        self.blocks += 1
+        self.inner.block_end(log)
+
+
+def is_quantize_output(directory: Path) -> bool:
+    """Written by abq: its marker or an export manifest, or an output of an abq from before the marker
+    (nothing but abq's own names, with a quant_log.json or a checkpoint state among them)."""
+    if is_abq_dir(directory):
+        return True
+    return set(entries(directory)) <= PRE_MARKER_NAMES and (
+        (directory / QUANT_LOG).is_file() or (directory / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file())
+
+
+def check_output_dir(out_dir: Path, recipe: Recipe, overwrite: bool, resume: bool) -> OutputPlan:
+    """What this run does with its (resolved) output; refuses what it must not touch. Only reads: the
+    previous output is replaced once the new one is complete (`replacing`)."""
+    shown = recipe.output.dir
+    occupied = bool(entries(out_dir))
+    if occupied and (overwrite or resume) and not is_quantize_output(out_dir):
+        refuse_foreign(out_dir, Path(shown))
     if resume:
-        if not (out_dir / CHECKPOINT_DIR).is_dir():
-            raise InputError(f"nothing to resume in {out_dir} (no {CHECKPOINT_DIR}/ there)")
-        return
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(f"output directory exists: {out_dir} (pass --overwrite to replace it, "
+        return _resume_plan(out_dir, recipe)
+    if occupied and not overwrite:
+        raise InputError(f"output directory exists: {shown} (pass --overwrite to replace it, "
                          "or --resume to continue an interrupted run)")
+    return OutputPlan(START)
 
 
-def clear_output_dir(out_dir: Path, resume: bool) -> None:
-    """With --overwrite (checked by `check_output_dir`): remove the previous output; never when resuming."""
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        shutil.rmtree(out_dir)
+def _resume_plan(out_dir: Path, recipe: Recipe) -> OutputPlan:
+    """--resume: the checkpoint (verified now, before the model loads), else from the beginning, or
+    nothing to do when the output is already this recipe's complete result."""
+    shown = recipe.output.dir
+    if (out_dir / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file():
+        return OutputPlan(RESUME, len(read_checkpoint(out_dir / CHECKPOINT_DIR)["done"]))
+    if not (out_dir / QUANT_LOG).is_file():
+        return OutputPlan(RESTART)
+    saved = out_dir / RECIPE_YAML
+    if not saved.is_file() or _result_recipe(saved.read_text()) != _result_recipe(dump_recipe(recipe)):
+        raise InputError(f"nothing to resume: {shown} is complete and holds the result of a different recipe "
+                         "(pass --overwrite to replace it)")
+    missing = [fmt for fmt in recipe.output.formats if not is_abq_dir(out_dir / fmt)]
+    if missing:
+        raise InputError(f"nothing to resume: {shown} is complete but lacks {', '.join(missing)} "
+                         "(pass --overwrite to run again)")
+    return OutputPlan(COMPLETE)
 
 
-def check_loss_terms(recipe: Recipe) -> None:
-    """ABQ training needs at least one loss term."""
-    cal = recipe.calibration
-    if cal.method == "abq" and not (cal.loss.mse or cal.loss.cosine or cal.loss.attention_kl):
-        raise InputError("calibration.loss: every term is off (mse, cosine, attention_kl); enable at least one, "
-                         "or use calibration.method: rtn")
+def _result_recipe(text: str) -> object:
+    """A recipe.yaml as data, less output.dir: where a result lies is not part of it."""
+    import yaml
+
+    data = yaml.safe_load(text)
+    if isinstance(data, dict) and isinstance(data.get("output"), dict):
+        data["output"].pop("dir", None)
+    return data
 
 
-def check_group_sizes(recipe: Recipe, model, adapter) -> None:
-    """A weight group larger than a quantized linear's input size is a recipe error (before any output)."""
-    for index, block in enumerate(adapter.blocks(model)):
-        prefix = adapter.block_prefix(index)
-        for rel in adapter.linear_names(block):
-            quant = recipe.layer_quant(f"{prefix}.{rel}")
-            group = None if quant is None else quant.weight.group_size
-            in_features = block.get_submodule(rel).in_features
-            if group is not None and group > in_features:
-                raise InputError(f"weights.group_size {group} is larger than the input size ({in_features}) "
-                                 f"of {prefix}.{rel}")
+def model_inputs(name: str) -> list[tuple[str, Path]]:
+    """The model's folder (or GGUF file, and the cached copy of one): an output never overlaps them."""
+    from abqcli.models.loading import resolve_model
 
-
-def check_overrides_match(recipe: Recipe, linear_names: list[str]) -> None:
-    """An override pattern that matches no linear of this architecture is a recipe error."""
-    from fnmatch import fnmatch
-
-    for pattern in recipe.overrides:
-        if not any(fnmatch(name, pattern) for name in linear_names):
-            raise InputError(f"overrides.{pattern!r}: matches no linear layer of this model "
-                             f"(layers look like {linear_names[0]!r})")
-
-
-def check_adapter_maps(model, adapter) -> list[str]:
-    """Every module the adapter relies on exists in every block; returns all block linear names."""
-    names = []
-    for index, block in enumerate(adapter.blocks(model)):
-        modules = dict(block.named_modules())
-        needed = {adapter.attention, adapter.compensation_target}
-        for pair in adapter.let_pairs(block):
-            needed |= {pair.producer, *pair.consumers}
-        missing = sorted(n for n in needed if n not in modules)
-        if missing:
-            raise InputError(f"the {adapter.family} adapter cannot map block {index} of this model: "
-                             f"missing {', '.join(missing)}")
-        names += [f"{adapter.block_prefix(index)}.{rel}" for rel in adapter.linear_names(block)]
-    return names
+    source = resolve_model(name)
+    paths = [Path(source.directory) / source.gguf_file if source.gguf_file else Path(source.directory)]
+    if source.origin:
+        paths.append(Path(source.origin))
+    return [("the model", path) for path in paths if path.exists()]
 
 
 def calibration_windows(recipe: Recipe, tokenizer, data_dir: str | None):
@@ -146,57 +202,93 @@ def build_provenance(recipe: Recipe, source, text, fingerprint: str) -> dict:
 
 
 def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = False, resume: bool = False,
-                 progress: Progress | None = None) -> dict:
-    """Calibrate per the recipe and write every requested format; returns the summary (also in quant_log)."""
+                 progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> dict:
+    """Calibrate per the recipe and write every requested format; returns the summary (also in quant_log).
+
+    Before the model loads, the output is resolved and checked, its parent created and its lock taken (one
+    run per output), and leftovers of killed runs removed. `notify` gets one-line notices: a --resume
+    that starts from the beginning, or finds the output already complete (then nothing is touched and
+    its quant_log is the summary). Ctrl-C is re-raised as QuantizeInterrupted."""
+    out_dir = resolve_output(Path(recipe.output.dir), model_inputs(recipe.model.path))
+    check_loss_terms(recipe)
+    notify = notify or (lambda line: None)
+    counting = _CountingProgress(progress or Progress())
+    try:
+        with output_lock(out_dir):
+            remove_stale(out_dir)
+            plan = check_output_dir(out_dir, recipe, overwrite, resume)
+            counting.blocks = plan.checkpointed
+            if plan.action == COMPLETE:
+                notify(f"{recipe.output.dir} is already complete for this recipe: nothing to do")
+                return read_json(out_dir / QUANT_LOG)
+            if plan.action == RESTART:
+                notify(f"nothing to resume in {recipe.output.dir} (no checkpoint yet): starting from the beginning")
+            return _calibrate_and_export(recipe, out_dir, data_dir, plan.action == RESUME, counting)
+    except KeyboardInterrupt as exc:
+        raise QuantizeInterrupted(Path(recipe.output.dir) / CHECKPOINT_DIR, counting.blocks) from exc
+
+
+def _open_output(out_dir: Path, recipe_yaml: str) -> None:
+    """A new (or empty) output gets abq's marker first, then the recipe being run. A previous output is
+    left as it is (the run's checkpoint goes into its checkpoint/) until the new one replaces it."""
+    if entries(out_dir):
+        return
+    out_dir.mkdir(exist_ok=True)
+    write_marker(out_dir, MARKER_KIND)
+    (out_dir / RECIPE_YAML).write_text(recipe_yaml)
+
+
+def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, resume: bool,
+                          progress: Progress) -> dict:
+    """The run itself, in its checked and locked output `out_dir`: load, calibrate (checkpoint in
+    out_dir/checkpoint), then assemble the whole new output in a temporary sibling and swap it in."""
     from abqcli.evaluate import check_seqlen, resolve_device
-    from abqcli.export import write_fakequant
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import set_kv_quant
 
-    out_dir = Path(recipe.output.dir)
-    check_output_dir(out_dir, overwrite, resume)
-    check_loss_terms(recipe)
     cal = recipe.calibration
-    device = torch.device(resolve_device(cal.device))
+    device = torch.device(resolve_device(cal.device, "calibration.device"))
     model, tokenizer, source = load_model(recipe.model.path, recipe.model.dtype, "cpu",
                                           lambda cfg: check_seqlen(cal.seqlen, cfg))
     adapter = adapter_for(model)
-    check_overrides_match(recipe, check_adapter_maps(model, adapter))
-    check_group_sizes(recipe, model, adapter)
+    check_recipe_fits(recipe, model, adapter)
     windows, text = calibration_windows(recipe, tokenizer, data_dir)
     set_kv_quant(model, adapter, 16)  # blocks run through abq's attention; FP until calibrated
-    clear_output_dir(out_dir, resume)
-    out_dir.mkdir(parents=True, exist_ok=True)
     recipe_yaml = dump_recipe(recipe)
-    if not resume:  # a resume writes it once the checkpoint's fingerprint has matched
-        (out_dir / "recipe.yaml").write_text(recipe_yaml)
+    _open_output(out_dir, recipe_yaml)
     start = time.perf_counter()
     calibrator = Calibrator(model, adapter, recipe, windows, out_dir / CHECKPOINT_DIR, device, progress)
     result: CalibrationResult = calibrator.run(resume=resume)
-    (out_dir / "recipe.yaml").write_text(recipe_yaml)
     set_kv_quant(model, adapter, result.kv_bits)
     provenance = build_provenance(recipe, source, text, result.fingerprint)
-    outputs = {}
-    if "hf-fakequant" in recipe.output.formats:
-        outputs["hf-fakequant"] = str(out_dir / "hf-fakequant")
-        write_fakequant(out_dir / "hf-fakequant", model, tokenizer, recipe_yaml, result.kv_bits,
-                        result.layers, result.quantized, provenance)
-    if "abq-packed" in recipe.output.formats:
-        from abqcli.export import write_packed
-
-        outputs["abq-packed"] = str(out_dir / "abq-packed")
-        write_packed(out_dir / "abq-packed", model, tokenizer, recipe_yaml, result.kv_bits,
-                     result.layers, result.quantized, provenance)
-    summary = {
-        "scheme": describe(recipe),
-        "method": cal.method,
-        "outputs": outputs,
-        "seconds": round(time.perf_counter() - start, 2),
-        "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),
-        "blocks": [asdict(b) for b in result.log],
-        "provenance": provenance,
-    }
-    (out_dir / QUANT_LOG).write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    with replacing(out_dir) as stage:  # the previous output (and the checkpoint) go once this is complete
+        write_marker(stage, MARKER_KIND)
+        (stage / RECIPE_YAML).write_text(recipe_yaml)
+        outputs = _write_formats(stage, recipe, model, tokenizer, recipe_yaml, result, provenance)
+        summary = {
+            "scheme": describe(recipe),
+            "method": cal.method,
+            "outputs": outputs,
+            "seconds": round(time.perf_counter() - start, 2),
+            "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),
+            "blocks": [asdict(b) for b in result.log],
+            "provenance": provenance,
+        }
+        (stage / QUANT_LOG).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _write_formats(stage: Path, recipe: Recipe, model, tokenizer, recipe_yaml: str, result: CalibrationResult,
+                   provenance: dict) -> dict[str, str]:
+    """Each requested format into `stage`; returns format -> its path in the final output."""
+    from abqcli.export import write_fakequant, write_packed
+
+    writers = {FAKEQUANT: write_fakequant, PACKED: write_packed}
+    outputs = {}
+    for fmt in (FAKEQUANT, PACKED):
+        if fmt in recipe.output.formats:
+            outputs[fmt] = str(Path(recipe.output.dir) / fmt)
+            writers[fmt](stage / fmt, model, tokenizer, recipe_yaml, result.kv_bits, result.layers,
+                         result.quantized, provenance)
+    return outputs

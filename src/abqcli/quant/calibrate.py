@@ -21,6 +21,7 @@ import math
 import resource
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from abqcli.errors import InputError, RunError
+from abqcli.export import sha256_file
 from abqcli.models.adapters import Adapter
 from abqcli.quant.fakequant import QuantLinear, wrap_block_linears
 from abqcli.quant.loss import block_loss
@@ -148,6 +150,21 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _non_finite_message(index: int, num_blocks: int, epoch: int, step: int, checkpoint_dir: Path) -> str:
+    """What stopped the run, what is kept, and advice that works: the learning rates are part of the
+    checkpoint's fingerprint, so a run with lowered ones starts again (--overwrite), never --resume."""
+    where = (f"non-finite loss at block {index}, epoch {epoch}, step {step} (counted from 0; block "
+             f"{index + 1}/{num_blocks} in the progress lines)")
+    lower = ("lower calibration.lwc.lr, calibration.let.lr or calibration.compensation.lr "
+             "(e.g. --set calibration.lwc.lr=1e-3)")
+    if index == 0:
+        return f"{where}; no block is checkpointed yet: {lower} and start again with --overwrite"
+    kept = "the first block is" if index == 1 else f"the first {index} blocks are"
+    return (f"{where}; {kept} checkpointed in {checkpoint_dir}: the same command with --resume retries "
+            f"from block {index + 1}/{num_blocks}; or {lower} and start again with --overwrite "
+            "(a changed recipe cannot --resume)")
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -209,6 +226,50 @@ class BlockCalibrator:
         return states
 
 
+def block_file_name(index: int) -> str:
+    return f"block_{index:04d}.safetensors"
+
+
+def _state_problem(state: object) -> str | None:
+    """What is wrong with the shape of a parsed state.json, or None."""
+    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), str):
+        return "not a checkpoint state (no fingerprint)"
+    done, log, sums = state.get("done"), state.get("log"), state.get("block_sha256")
+    if not all(isinstance(v, list) for v in (done, log, sums)) or not len(done) == len(log) == len(sums):
+        return "'done', 'log' and 'block_sha256' are not lists of one entry per block"
+    fields = {f.name for f in dataclass_fields(BlockLog)}
+    if not all(isinstance(d, dict) and set(d) == {"fp", "q"} for d in done):
+        return "a 'done' entry is not {fp, q}"
+    if not all(isinstance(entry, dict) and set(entry) == fields for entry in log):
+        return "a 'log' entry is not a block log"
+    if not all(isinstance(h, str) for h in sums):
+        return "a 'block_sha256' entry is not a checksum"
+    return None
+
+
+def read_checkpoint(checkpoint_dir: Path) -> dict:
+    """The state of a checkpoint, its shape and every block file's sha256 checked (without the model, so
+    a resume is refused before any heavy work); InputError naming what is missing or corrupted."""
+    path = checkpoint_dir / CHECKPOINT_STATE
+    again = "run with --overwrite instead of --resume to start again"
+    if not path.is_file():
+        raise InputError(f"nothing to resume: no checkpoint at {path}")
+    try:
+        state = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"checkpoint {path} is corrupted (not JSON: {exc}); {again}") from exc
+    problem = _state_problem(state)
+    if problem:
+        raise InputError(f"checkpoint {path} is corrupted ({problem}); {again}")
+    for index, expected in enumerate(state["block_sha256"]):
+        block = checkpoint_dir / block_file_name(index)
+        if not block.is_file():
+            raise InputError(f"checkpoint file missing: {block}; {again}")
+        if sha256_file(block) != expected:
+            raise InputError(f"checkpoint file {block} is truncated or corrupted (checksum mismatch); {again}")
+    return state
+
+
 class Calibrator:
     """Runs the loop over all blocks with checkpoints (see module docstring)."""
 
@@ -242,10 +303,8 @@ class Calibrator:
 
     def _load_state(self, fingerprint: str) -> dict:
         path = self._state_path()
-        if not path.is_file():
-            raise InputError(f"nothing to resume: no checkpoint at {path}")
-        state = json.loads(path.read_text())
-        if state.get("fingerprint") != fingerprint:
+        state = read_checkpoint(self.checkpoint_dir)
+        if state["fingerprint"] != fingerprint:
             raise InputError(
                 "cannot resume: the checkpoint was made with a different model, recipe or calibration data "
                 f"({path}); run without --resume (and --overwrite) to start again"
@@ -260,13 +319,15 @@ class Calibrator:
             tensors[f"scale.{rel}"] = qw.scale.cpu().contiguous()
             tensors[f"zero.{rel}"] = qw.zero.cpu().contiguous()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self.checkpoint_dir / f"block_{index:04d}.safetensors"))
+        block_file = self.checkpoint_dir / block_file_name(index)
+        save_file(tensors, str(block_file))
+        state["block_sha256"] = [*state["block_sha256"][:index], sha256_file(block_file)]
         tmp = self._state_path().with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self._state_path())  # atomic: a kill leaves the previous state intact
 
     def _load_block(self, index: int, qblock: nn.Module, qlinears: dict[str, QuantLinear]):
-        tensors = load_file(str(self.checkpoint_dir / f"block_{index:04d}.safetensors"))
+        tensors = load_file(str(self.checkpoint_dir / block_file_name(index)))
         qblock.load_state_dict({k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
         return {rel: QuantizedWeight(tensors[f"codes.{rel}"], tensors[f"scale.{rel}"], tensors[f"zero.{rel}"],
                                      lin.quant.weight) for rel, lin in qlinears.items()}
@@ -274,7 +335,8 @@ class Calibrator:
     # ---------------------------------------------------------------- the loop
     def run(self, resume: bool = False) -> CalibrationResult:
         fingerprint = self.fingerprint()
-        state = self._load_state(fingerprint) if resume else {"fingerprint": fingerprint, "done": [], "log": []}
+        state = (self._load_state(fingerprint) if resume
+                 else {"fingerprint": fingerprint, "done": [], "log": [], "block_sha256": []})
         if not resume and self.checkpoint_dir.exists():
             for stale in self.checkpoint_dir.glob("*"):
                 stale.unlink()
@@ -348,22 +410,19 @@ class Calibrator:
         optimizer = calib.optimizer() if train else None
         epoch_losses: list[list[float]] = []
         terms: dict[str, float] = {}
+        batches = _batches(len(q_in), cal.batch_size)
+        self.progress.block_start(index, len(self.blocks), self.recipe.epochs * len(batches) if train else 0)
         if optimizer is not None:
             fp_on_q = _run_block(fp_block, q_in, kwargs, cal.batch_size, self.device)
-            batches = _batches(len(q_in), cal.batch_size)
             teacher_probs = self._teacher_probs(fp_block, fp_in, batches, kwargs)
-            self.progress.block_start(index, len(self.blocks), self.recipe.epochs * len(batches))
             for epoch in range(self.recipe.epochs):
                 epoch_losses.append([])
                 for step, b in enumerate(batches):
                     p_1 = teacher_probs[step] if teacher_probs else None
                     loss, terms = self._step(calib, b, q_in, fp_in, fp_out, fp_on_q, kwargs, p_1)
                     if not math.isfinite(loss.item()):
-                        raise RunError(
-                            f"non-finite loss at block {index}, epoch {epoch}, step {step}; the last good "
-                            f"checkpoint is in {self.checkpoint_dir} (blocks 0..{index - 1}); try lower learning "
-                            "rates, then resume with --resume"
-                        )
+                        raise RunError(_non_finite_message(index, len(self.blocks), epoch, step,
+                                                           self.checkpoint_dir))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
