@@ -96,13 +96,22 @@ def assert_same_logits(packed, reference, ids: torch.Tensor) -> None:
 
 
 def fix_checksum(directory: Path, name: str) -> None:
-    """Recompute one file's sha256 in abq.json (to reach the checks behind the checksum)."""
+    """Recompute one file's sha256 in abq.json, and the manifest's own seal (to reach the checks behind
+    the checksum)."""
     from abqcli.export import sha256_file
 
     manifest_path = directory / "abq.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"][name] = sha256_file(directory / name)
-    manifest_path.write_text(json.dumps(manifest))
+    write_sealed_manifest(directory, manifest)
+
+
+def write_sealed_manifest(directory: Path, manifest: dict) -> None:
+    """Write an edited abq.json with its manifest_sha256 recomputed (to reach the checks behind the seal)."""
+    from abqcli.export import MANIFEST_SHA256, manifest_digest
+
+    manifest[MANIFEST_SHA256] = manifest_digest(manifest)
+    (directory / "abq.json").write_text(json.dumps(manifest))
 
 
 # ------------------------------------------------------------------------------------------ tests

