@@ -35,9 +35,9 @@ FAKEQUANT_VERSION = 1
 MANIFEST_SHA256 = "manifest_sha256"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # files that transformers' loaders read when present: the manifest must cover them too
-READ_IF_PRESENT = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-                   "chat_template.jinja", "chat_template.json")
+READ_IF_PRESENT = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json")
 
 
 def sha256_file(path: Path) -> str:
@@ -137,11 +137,13 @@ def _short(value: object, limit: int = 60) -> str:
 def _checked_files(files: object, path: Path) -> dict[str, str]:
     """`files` of a manifest: relative paths inside the directory -> 64-hex sha256, or InputError."""
     if not isinstance(files, dict):
-        raise InputError(f"{path}: 'files' must map relative paths to sha256 digests, got a {type(files).__name__}")
+        raise InputError(f"{path}: 'files' must map relative paths to sha256 digests, "
+                         f"got a {type(files).__name__}")
     for name, digest in files.items():
         relative = PurePosixPath(name)
         if not name or relative.is_absolute() or ".." in relative.parts or "\\" in name:
-            raise InputError(f"{path}: 'files' entry {_short(name)} is not a relative path inside the directory")
+            raise InputError(f"{path}: 'files' entry {_short(name)} is not a relative path inside the "
+                             f"directory")
         if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise InputError(f"{path}: 'files' entry {_short(name)} is not a sha256 digest: {_short(digest)}")
     return files
@@ -156,10 +158,10 @@ def _check_layers(manifest: dict, path: Path) -> None:
         if not isinstance(meta, dict):
             raise InputError(f"{path}: layer {_short(name)} is not a mapping")
         group = meta.get("group_size")
-        if not (_is_int(meta.get("bits")) and _is_int(meta.get("act_bits")) and isinstance(meta.get("balance"), bool)
-                and (group is None or _is_int(group))):
-            raise InputError(f"{path}: layer {_short(name)} needs integer bits and act_bits, boolean balance and "
-                             f"integer or null group_size")
+        if not (_is_int(meta.get("bits")) and _is_int(meta.get("act_bits"))
+                and isinstance(meta.get("balance"), bool) and (group is None or _is_int(group))):
+            raise InputError(f"{path}: layer {_short(name)} needs integer bits and act_bits, boolean balance "
+                             f"and integer or null group_size")
 
 
 def _is_int(value: object) -> bool:

@@ -179,7 +179,8 @@ def _check_agreement(manifest: dict, quant_config: dict, config_path: Path) -> N
         for field in _AGREEING_FIELDS:
             ours, theirs = modules[name].get(field), layers[name].get(field)
             if ours != theirs:
-                raise InputError(f"{where} on {name} {field}: {ours!r} in {config_path.name}, {theirs!r} in {ABQ_JSON}")
+                raise InputError(f"{where} on {name} {field}: {ours!r} in {config_path.name}, "
+                                 f"{theirs!r} in {ABQ_JSON}")
     if quant_config["kv_bits"] != manifest["kv_bits"]:
         raise InputError(f"{where} on kv_bits: {quant_config['kv_bits']!r} in {config_path.name}, "
                          f"{manifest['kv_bits']!r} in {ABQ_JSON}")

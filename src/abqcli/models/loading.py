@@ -215,7 +215,8 @@ def _load_weights(source: ModelSource, dtype: torch.dtype):
     if mismatched:
         shapes = [f"{key} ({list(ckpt)} in the checkpoint, {list(want)} in the model)"
                   for key, ckpt, want in mismatched]
-        raise InputError(f"the checkpoint of {source.describe()} has weights of the wrong shape: {name_list(shapes)}")
+        raise InputError(f"the checkpoint of {source.describe()} has weights of the wrong shape: "
+                         f"{name_list(shapes)}")
     return model
 
 
@@ -230,7 +231,8 @@ def read_config_json(directory: Path) -> dict:
     if not isinstance(config, dict):
         raise InputError(f"{directory / CONFIG_JSON} is not a JSON object")
     if not isinstance(config.get("model_type", ""), str):
-        raise InputError(f"{directory / CONFIG_JSON}: model_type must be a string, got {config['model_type']!r}")
+        raise InputError(f"{directory / CONFIG_JSON}: model_type must be a string, "
+                         f"got {config['model_type']!r}")
     return config
 
 
@@ -243,7 +245,8 @@ def check_model_files(name: str, directory: Path, config: dict, as_fakequant: bo
     reason = None if as_fakequant else abq_artefact_reason(directory, config, names)
     if reason is not None:
         if (directory / ABQ_JSON).is_file():
-            raise InputError(f"{name} is an abq output, already quantized ({reason}): give the original model")
+            raise InputError(f"{name} is an abq output, already quantized ({reason}): "
+                             f"give the original model")
         raise InputError(f"{name} is an abq export without its {ABQ_JSON} ({reason}): refusing to open it as "
                          f"a plain model; export it again")
     check_tokenizer_files(name, directory)
