@@ -345,3 +345,9 @@ def test_tied_embeddings_are_not_missing(tmp_path, capsys, tiny_text_file):
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "LOAD REPORT" not in err
+
+
+def test_manifest_without_its_seal(exports, tmp_path, refused):
+    model = copy_of(exports["fakequant"], tmp_path)
+    edit_json(model / "abq.json", lambda manifest: manifest.pop("manifest_sha256"))
+    refused("eval", model, r"abq\.json has no manifest_sha256 \(written by an older abq, or edited\)")

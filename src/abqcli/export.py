@@ -109,7 +109,9 @@ def read_manifest(directory: Path, verify: bool = True) -> dict:
         if name not in files:
             raise InputError(f"{path} does not list {name}, which the {fmt} reader needs: the export is "
                              f"incomplete or its manifest was edited")
-    if manifest.get(MANIFEST_SHA256) != manifest_digest(manifest):
+    if MANIFEST_SHA256 not in manifest:
+        raise InputError(f"{path} has no {MANIFEST_SHA256} (written by an older abq, or edited): export it again")
+    if manifest[MANIFEST_SHA256] != manifest_digest(manifest):
         raise InputError(f"{path} was modified or is corrupted (its {MANIFEST_SHA256} does not match its "
                          f"content)")
     if verify:
