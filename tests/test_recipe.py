@@ -460,3 +460,80 @@ def test_fuzz_real_keys_wrong_values(edits):
         assert str(err).startswith("recipe: ") and "\n" not in str(err)
         return
     assert recipe_from_dict(r.to_dict()) == r
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+
+TOO_BIG = [
+    ({"calibration": {"nsamples": 10**23}},
+     "calibration.nsamples: expected a positive integer up to 1000000, got 100000000000000000000000"),
+    ({"calibration": {"nsamples": 1e23}}, "calibration.nsamples: expected a positive integer, got 1e+23"),
+    ({"calibration": {"seqlen": 2**20 + 1}}, "calibration.seqlen: expected a positive integer up to 1048576"),
+    ({"calibration": {"batch_size": 10**9}}, "calibration.batch_size: expected a positive integer up to 1000000"),
+    ({"calibration": {"epochs": 10_001}}, "calibration.epochs: expected a positive integer up to 10000, got 10001"),
+    ({"calibration": {"epochs": 1.0}}, "calibration.epochs: expected a positive integer, got 1.0"),
+    ({"calibration": {"compensation": {"first": 10**6}}},
+     "calibration.compensation.first: expected a non-negative integer up to 10000"),
+    ({"calibration": {"compensation": {"last": 2.0}}},
+     "calibration.compensation.last: expected a non-negative integer, got 2.0"),
+    ({"weights": {"group_size": 2**21}}, "weights.group_size: expected null (per channel) or a positive integer up to"),
+    ({"weights": {"group_size": 128.0}}, "weights.group_size: expected null (per channel) or a positive integer"),
+    ({"overrides": {"*.o_proj": {"weights": {"group_size": 10**30}}}},
+     'overrides."*.o_proj".weights.group_size: expected null (per channel) or a positive integer up to 1048576'),
+    ({"eval": {"seqlen": 10**12}}, "eval.seqlen: expected a positive integer up to 1048576, got 1000000000000"),
+]
+
+
+@pytest.mark.parametrize("data, expected", TOO_BIG, ids=[e.split(":")[0] for _, e in TOO_BIG])
+def test_absurd_sizes_and_floats_for_integers_are_refused(data, expected):
+    assert expected in error_of(data)
+
+
+def test_the_largest_allowed_sizes_load():
+    r = recipe_from_dict({"calibration": {"nsamples": 1_000_000, "seqlen": 2**20, "epochs": 10_000}})
+    assert (r.calibration.nsamples, r.calibration.seqlen, r.epochs) == (1_000_000, 2**20, 10_000)
+
+
+def test_an_in_memory_bomb_is_shown_short_and_fast():
+    """`recipe_from_dict` formats the bad value with a bounded repr: 9^9 shared references, no walk."""
+    import time
+
+    bomb: object = ["x"] * 9
+    for _ in range(9):
+        bomb = [bomb] * 9
+    start = time.perf_counter()
+    msg = error_of({"ignore": [bomb]})
+    assert time.perf_counter() - start < 1.0
+    assert "ignore.0: expected a non-empty string, got a list [[[[...], [...]" in msg and len(msg) < 200
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_documents_that_expand_past_the_bound_are_refused(tmp_path, levels):
+    """10^levels * 100 values through aliases: 10^4 loads, 10^5 is refused."""
+    items = ", ".join(["a"] * 100)
+    anchors = [f"&l0 [{items}]"] + [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels + 1)]
+    path = write(tmp_path, f"eval: {{datasets: [{', '.join(anchors)}]}}\n")
+    with pytest.raises(InputError) as exc:
+        load_recipe(path)
+    expected = "expands to more than 100000 values" if levels == 3 else "eval.datasets.0: expected a non-empty string"
+    assert expected in str(exc.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("calibration: {seed: 2024-13-01}\n", "invalid YAML: month must be in 1..12"),
+    (f"calibration: {{seed: {'9' * 5000}}}\n", "invalid YAML: Exceeds the limit (4300 digits)"),
+    ("ignore: " + "[" * 5000 + "]" * 5000 + "\n", "invalid YAML: nested too deeply"),
+])
+def test_yaml_values_no_constructor_accepts_are_input_errors(tmp_path, text, expected):
+    with pytest.raises(InputError, match=r"recipe\.yaml: ") as exc:
+        load_recipe(write(tmp_path, text))
+    assert expected in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_set_errors_show_long_items_short():
+    with pytest.raises(InputError) as exc:
+        load_recipe("w4a4", ["weights.bits=4", f"weights.bits.{'x' * 100_000}=1"])
+    assert "not a mapping" in str(exc.value) and len(str(exc.value)) < 300
+    with pytest.raises(InputError) as exc:
+        load_recipe("w4a4", [f"weights.bits=[{'1, ' * 100_000}"])
+    assert "cannot parse the value" in str(exc.value) and len(str(exc.value)) < 300

@@ -31,6 +31,7 @@ import fnmatch
 import json
 import math
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ __all__ = [
     "load_recipe",
     "parse_scheme",
     "recipe_from_dict",
+    "show_value",
 ]
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -79,6 +81,16 @@ W_BITS_MIN, W_BITS_MAX = 1, 8
 A_BITS_MIN, A_BITS_MAX = 4, 16
 FP_BITS = 16  # activation / kv bits meaning "not quantized"
 BTC_GROUP_MULTIPLE = 128  # group sizes the BTC GEMM can run with quantized activations
+
+# Upper bounds far above any real run, so that a typo (or 1e23) is refused here, not deep in torch.
+MAX_NSAMPLES = 1_000_000
+MAX_SEQLEN = 1 << 20  # tokens per window
+MAX_BATCH_SIZE = MAX_NSAMPLES
+MAX_EPOCHS = 10_000
+MAX_GROUP_SIZE = 1 << 20  # input features of one linear
+MAX_BLOCKS = 10_000  # compensation.first / last count decoder blocks
+MAX_YAML_VALUES = 100_000  # values in a recipe after alias expansion; real recipes have a few hundred
+SHOW_LIMIT = 60  # characters of a user's value quoted in an error message
 
 # (weight bits, activation bits) whose reference recipes train for 40 epochs; the rest use 20.
 # Bit balance (W2*) does not change the count.
@@ -272,7 +284,7 @@ class Recipe:
             w.update(o.get("weights", {}))
             a_bits = o.get("activations", {}).get("bits", a_bits)
         if len(patterns) > 1:
-            where = f"overrides (module {module_name!r}, patterns {', '.join(map(repr, patterns))})"
+            where = f"overrides (module {module_name!r}, patterns {', '.join(map(show_value, patterns))})"
             _, problem = _effective_problem(w, a_bits, self.output.formats)
             if problem:
                 raise InputError(f"{where}: {problem}")
@@ -358,10 +370,10 @@ def parse_scheme(text: str) -> tuple[int, bool, int]:
     Case-insensitive; weight bits 1..8, activation bits 4..16, `*` only after 2. InputError otherwise.
     """
     if not isinstance(text, str):
-        raise InputError(f"invalid scheme {_show(text)}: expected a string such as w4a16")
+        raise InputError(f"invalid scheme {show_value(text)}: expected a string such as w4a16")
     parsed, reason = _scheme_problem(text)
     if parsed is None:
-        raise InputError(f"invalid scheme {text!r}: {reason}")
+        raise InputError(f"invalid scheme {show_value(text)}: {reason}")
     return parsed
 
 
@@ -373,8 +385,21 @@ _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MISSING = object()
 
 
-def _show(value: object, limit: int = 60) -> str:
-    """A value as the user would recognise it: YAML spelling for null/booleans, repr otherwise."""
+def _bounded_repr() -> reprlib.Repr:
+    """repr that looks at a few items per level and a few levels only: formatting a value into an error
+    costs the same for a 9^9-element alias bomb as for `[1, 2]`."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset, r.maxfrozenset = 3, 8, 8, 6, 8, 8
+    r.maxstring = r.maxother = r.maxlong = SHOW_LIMIT
+    return r
+
+
+_REPR = _bounded_repr()
+
+
+def show_value(value: object, limit: int = SHOW_LIMIT) -> str:
+    """A user's value as they would recognise it, at most about `limit` characters: YAML spelling for
+    null/booleans, a bounded repr otherwise. Every user value formatted into a message goes through this."""
     if value is None:
         return "null"
     if value is True or value is False:
@@ -385,16 +410,16 @@ def _show(value: object, limit: int = 60) -> str:
         prefix = "a list "
     else:
         prefix = ""
-    text = repr(value)
+    text = _REPR.repr(value)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return prefix + text
 
 
 def _fmt_key(key: object) -> str:
-    if isinstance(key, str):
+    if isinstance(key, str) and len(key) <= SHOW_LIMIT:
         return key if _PLAIN_KEY.fullmatch(key) else json.dumps(key)
-    return _show(key)
+    return show_value(key)
 
 
 def _fmt_path(path: Sequence[object]) -> str:
@@ -411,7 +436,7 @@ class _Validator:
         return InputError(f"{self.source}: {_fmt_path(path)}: {problem}")
 
     def bad(self, path: Sequence[object], expected: str, value: object) -> InputError:
-        return self.fail(path, f"expected {expected}, got {_show(value)}")
+        return self.fail(path, f"expected {expected}, got {show_value(value)}")
 
     def mapping(self, value: object, path: Sequence[object], keys: Sequence[str]) -> dict:
         """A mapping whose keys are all in `keys` (returned as a dict)."""
@@ -420,7 +445,7 @@ class _Validator:
         for k in value:
             if not (isinstance(k, str) and k in keys):
                 msg = f"unknown key (expected one of: {', '.join(keys)})"
-                if isinstance(k, str):
+                if isinstance(k, str) and len(k) <= SHOW_LIMIT:
                     close = difflib.get_close_matches(k, keys, n=1)
                     if close:
                         msg += f"; did you mean {close[0]!r}?"
@@ -428,9 +453,12 @@ class _Validator:
         return dict(value)
 
     def integer(self, value: object, path: Sequence[object], lo: int | None = None,
-                hi: int | None = None) -> int:
+                hi: int | None = None, cap: int | None = None) -> int:
+        """An int (not a bool, not a float such as 1e23 or 1.0) in lo..hi; `cap` is a sanity bound
+        (named in the message only when the value is above it)."""
         ok = isinstance(value, int) and not isinstance(value, bool)
-        if ok and (lo is None or value >= lo) and (hi is None or value <= hi):
+        top = hi if hi is not None else cap
+        if ok and (lo is None or value >= lo) and (top is None or value <= top):
             return int(value)
         if lo is not None and hi is not None:
             expected = f"an integer from {lo} to {hi}"
@@ -442,6 +470,8 @@ class _Validator:
             expected = f"an integer >= {lo}"
         else:
             expected = "an integer"
+        if ok and cap is not None and value > cap:
+            expected += f" up to {cap}"
         raise self.bad(path, expected, value)
 
     def number(self, value: object, path: Sequence[object], positive: bool = False,
@@ -513,7 +543,7 @@ _WEIGHT_KEYS = ("bits", "group_size", "balance")
 _OVERRIDE_KEYS = ("weights", "activations")
 _CALIB_KEYS = ("method", "dataset", "nsamples", "seqlen", "seed", "epochs", "batch_size", "lwc", "let",
                "compensation", "loss", "device")
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _weight_fields(v: _Validator, raw: object, path: list) -> dict[str, Any]:
@@ -525,9 +555,10 @@ def _weight_fields(v: _Validator, raw: object, path: list) -> dict[str, Any]:
     if "group_size" in d:
         gs = d["group_size"]
         if gs is not None:
-            ok = isinstance(gs, int) and not isinstance(gs, bool) and gs > 0
+            ok = isinstance(gs, int) and not isinstance(gs, bool) and 0 < gs <= MAX_GROUP_SIZE
             if not ok:
-                raise v.bad([*path, "group_size"], "null (per channel) or a positive integer", gs)
+                expected = f"null (per channel) or a positive integer up to {MAX_GROUP_SIZE}"
+                raise v.bad([*path, "group_size"], expected, gs)
         out["group_size"] = gs
     if "balance" in d:
         out["balance"] = v.boolean(d["balance"], [*path, "balance"])
@@ -556,7 +587,7 @@ def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
     """
     v = _Validator(source)
     if not isinstance(data, Mapping):
-        raise InputError(f"{source}: expected a mapping at the top level, got {_show(data)}")
+        raise InputError(f"{source}: expected a mapping at the top level, got {show_value(data)}")
     data = v.mapping(data, [], _TOP_KEYS)
 
     # model
@@ -576,7 +607,7 @@ def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
             raise v.bad(["scheme"], "null or a scheme such as w4a16 or w2*a8", scheme)
         parsed, reason = _scheme_problem(scheme)
         if parsed is None:
-            raise v.fail(["scheme"], f"invalid scheme {scheme!r}: {reason}")
+            raise v.fail(["scheme"], f"invalid scheme {show_value(scheme)}: {reason}")
         scheme = scheme.lower()
         weights["bits"], weights["balance"], act_bits = parsed
     if "weights" in data:
@@ -618,18 +649,18 @@ def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
         calib.method = v.choice(c["method"], [*cp, "method"], METHODS)
     if "dataset" in c:
         calib.dataset = v.string(c["dataset"], [*cp, "dataset"], "a dataset name or a text file path")
-    for key in ("nsamples", "seqlen", "batch_size"):
+    for key, hi in (("nsamples", MAX_NSAMPLES), ("seqlen", MAX_SEQLEN), ("batch_size", MAX_BATCH_SIZE)):
         if key in c:
-            setattr(calib, key, v.integer(c[key], [*cp, key], 1))
+            setattr(calib, key, v.integer(c[key], [*cp, key], 1, cap=hi))
     if "seed" in c:
         calib.seed = v.integer(c["seed"], [*cp, "seed"], 0, 2**32 - 1)  # numpy / torch seed range
     if c.get("epochs") is not None:
-        calib.epochs = v.integer(c["epochs"], [*cp, "epochs"], 1)
+        calib.epochs = v.integer(c["epochs"], [*cp, "epochs"], 1, cap=MAX_EPOCHS)
     if calib.epochs is None:
         calib.epochs = default_epochs(weights["bits"], act_bits)
     if "device" in c:
         dev = c["device"]
-        if not (isinstance(dev, str) and _DEVICE_RE.fullmatch(dev)):
+        if not (isinstance(dev, str) and DEVICE_RE.fullmatch(dev)):
             raise v.bad([*cp, "device"], f"one of: {', '.join(DEVICE_CHOICES)}", dev)
         calib.device = dev
 
@@ -663,7 +694,7 @@ def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
             calib.compensation.enabled = v.boolean(d["enabled"], [*p, "enabled"])
         for key in ("first", "last"):
             if key in d:
-                setattr(calib.compensation, key, v.integer(d[key], [*p, key], 0))
+                setattr(calib.compensation, key, v.integer(d[key], [*p, key], 0, cap=MAX_BLOCKS))
         if "lr" in d:
             calib.compensation.lr = v.number(d["lr"], [*p, "lr"], positive=True)
     if "loss" in c:
@@ -694,13 +725,13 @@ def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
     if "datasets" in e:
         ev.datasets = v.string_list(e["datasets"], ["eval", "datasets"])
     if "seqlen" in e:
-        ev.seqlen = v.integer(e["seqlen"], ["eval", "seqlen"], 1)
+        ev.seqlen = v.integer(e["seqlen"], ["eval", "seqlen"], 1, cap=MAX_SEQLEN)
 
     # cross-field checks: the global spec, then each override merged over it on its own
     key, problem = _effective_problem(weights, act_bits, output.formats)
     if problem:
         if key == "balance" and scheme is not None and "balance" not in data.get("weights", {}):
-            problem += f"; balance came from scheme {scheme!r}"
+            problem += f"; balance came from scheme {show_value(scheme)}"
         raise v.fail(["weights", key], problem)
     for pattern, entry in overrides.items():
         w_eff = {**weights, **entry.get("weights", {})}
@@ -751,7 +782,7 @@ class _Loader(yaml.SafeLoader):
                 if dup:
                     raise yaml.constructor.ConstructorError(
                         "while constructing a mapping", node.start_mark,
-                        f"found duplicate key {key!r}", key_node.start_mark)
+                        f"found duplicate key {show_value(key)}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -776,6 +807,35 @@ def _yaml_error_text(err: yaml.YAMLError) -> str:
     return "invalid YAML: " + " ".join(str(err).split())
 
 
+def _check_expanded_size(data: object, where: str) -> None:
+    """Refuse data of more than MAX_YAML_VALUES values counting every alias reference: a few hundred bytes
+    of nested aliases expand to billions. The count stops at the bound, so a bomb costs microseconds."""
+    count, stack = 1, [data]
+    while stack:
+        node = stack.pop()
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, list) else ()
+        count += len(children)
+        if count > MAX_YAML_VALUES:
+            raise InputError(f"{where}: the document expands to more than {MAX_YAML_VALUES} values "
+                             "(nested YAML aliases?); a recipe has a few hundred")
+        stack.extend(children)
+
+
+def _parse_yaml(text: str, where: str) -> object:
+    """YAML text -> data with abq's loader, or one InputError `where: problem` (syntax with its line,
+    nesting too deep for the parser, a value no constructor accepts, a document too large once expanded)."""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise InputError(f"{where}: {_yaml_error_text(err)}") from None
+    except RecursionError:
+        raise InputError(f"{where}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # a date such as 2024-13-01, an integer of more than 4300 digits
+        raise InputError(f"{where}: invalid YAML: {str(err).split(';')[0]}") from None
+    _check_expanded_size(data, where)
+    return data
+
+
 def _looks_like_path(spec: str) -> bool:
     return "/" in spec or "\\" in spec or spec.lower().endswith((".yaml", ".yml"))
 
@@ -788,7 +848,7 @@ def load_recipe(spec: str, sets: Sequence[str] = ()) -> Recipe:
     InputError whose message starts with the file or preset name.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise InputError(f"recipe: expected a preset name or a YAML file path, got {_show(spec)}")
+        raise InputError(f"recipe: expected a preset name or a YAML file path, got {show_value(spec)}")
     key = spec.strip().lower()
     if key in PRESETS and not _looks_like_path(spec):
         return recipe_from_dict(apply_sets({"scheme": key}, sets), source=f"preset {key}")
@@ -808,14 +868,11 @@ def load_recipe(spec: str, sets: Sequence[str] = ()) -> Recipe:
         raise InputError(f"{spec}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise InputError(f"{spec}: cannot read recipe file: {err.strerror or err}") from None
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise InputError(f"{spec}: {_yaml_error_text(err)}") from None
+    data = _parse_yaml(text, spec)
     if data is None:
         raise InputError(f"{spec}: the recipe is empty (expected a mapping such as 'scheme: w4a16')")
     if not isinstance(data, dict):
-        raise InputError(f"{spec}: expected a mapping at the top level, got {_show(data)}")
+        raise InputError(f"{spec}: expected a mapping at the top level, got {show_value(data)}")
     return recipe_from_dict(apply_sets(data, sets), source=spec)
 
 
@@ -827,29 +884,27 @@ def apply_sets(data: dict, sets: Sequence[str]) -> dict:
     ones. A malformed item or a path through a non-mapping raises InputError naming the item.
     """
     if not isinstance(data, dict):
-        raise InputError(f"--set: the recipe is not a mapping (got {_show(data)})")
+        raise InputError(f"--set: the recipe is not a mapping (got {show_value(data)})")
     out = copy.deepcopy(data)
     for item in sets:
         if not isinstance(item, str) or "=" not in item:
-            raise InputError(f"--set {_show(item)}: expected key.path=value, e.g. weights.bits=3")
+            raise InputError(f"--set {show_value(item)}: expected key.path=value, e.g. weights.bits=3")
         key_text, value_text = item.split("=", 1)
         keys = key_text.strip().split(".")
         if not all(k.strip() for k in keys):
-            raise InputError(f"--set {item!r}: empty key in {key_text.strip()!r} "
+            raise InputError(f"--set {show_value(item)}: empty key in {show_value(key_text.strip())} "
                              f"(expected key.path=value, e.g. calibration.lwc.lr=1e-3)")
         keys = [k.strip() for k in keys]
-        try:
-            value = yaml.load(value_text, Loader=_Loader) if value_text.strip() else None
-        except yaml.YAMLError as err:
-            raise InputError(f"--set {item!r}: cannot parse the value: {_yaml_error_text(err)}") from None
+        where = f"--set {show_value(item)}: cannot parse the value"
+        value = _parse_yaml(value_text, where) if value_text.strip() else None
         node = out
         for i, k in enumerate(keys[:-1]):
             nxt = node.get(k)
             if nxt is None:
                 nxt = node[k] = {}
             elif not isinstance(nxt, dict):
-                raise InputError(f"--set {item!r}: {'.'.join(keys[: i + 1])} is {_show(nxt)}, "
-                                 f"not a mapping, so it has no key {keys[i + 1]!r}")
+                raise InputError(f"--set {show_value(item)}: {_fmt_path(keys[: i + 1])} is "
+                                 f"{show_value(nxt)}, not a mapping, so it has no key {show_value(keys[i + 1])}")
             node = nxt
         node[keys[-1]] = value
     return out
