@@ -271,7 +271,7 @@ def test_interrupt_then_resume_is_byte_identical(runs, tmp_path, monkeypatch, ca
     rc = abq(tmp_path, "quantize", recipe, "--resume")
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "block 0:" not in err and "block 1:" in err  # block 0 came from the checkpoint
+    assert "block 1/2:" not in err and "block 2/2:" in err  # block 0 came from the checkpoint
     assert not (out / "checkpoint").exists()
     assert_same_files(reference / "hf-fakequant", out / "hf-fakequant")
     assert losses(reference) == losses(out)
@@ -287,7 +287,7 @@ def test_resume_after_the_last_block_only_exports(runs, tmp_path, monkeypatch, c
     assert checkpoint_blocks(tmp_path / "out") == 2
     capsys.readouterr()
     assert abq(tmp_path, "quantize", recipe, "--resume") == 0
-    assert not re.search(r"^block \d+:", capsys.readouterr().err, re.MULTILINE)  # nothing left to train
+    assert not re.search(r"^block \d+/\d+:", capsys.readouterr().err, re.MULTILINE)  # nothing left to train
     assert_same_files(reference / "hf-fakequant", tmp_path / "out" / "hf-fakequant")
 
 

@@ -67,11 +67,24 @@ def perplexity(
     return math.exp(total_nll / total_tokens), total_tokens, time.perf_counter() - start
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when a GPU is visible, else cpu."""
+def resolve_device(device: str, name: str = "--device") -> str:
+    """The torch device for a device option (`name` says which, for the message): `auto` -> cuda when a
+    GPU is visible, else cpu; `cuda` / `cuda:N` only when GPU N is visible here. Anything else is an
+    InputError, raised before any model loads."""
+    from abqcli.recipe import DEVICE_CHOICES, DEVICE_RE, show_value
+
+    if not (isinstance(device, str) and DEVICE_RE.fullmatch(device)):
+        raise InputError(f"{name}: expected one of: {', '.join(DEVICE_CHOICES)}, got {show_value(device)}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+        return "cuda" if count else "cpu"
+    if device == "cpu":
+        return device
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        visible = f"{count} CUDA device(s) visible (cuda:0..cuda:{count - 1})" if count else "no CUDA device"
+        raise InputError(f"{name} {device}: {visible} on this machine (use auto or cpu)")
+    return f"cuda:{index}" if ":" in device else device
 
 
 @dataclass
@@ -103,7 +116,11 @@ def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=Non
     model, tokenizer, source = load_model(name, dtype, device, check_config)
     if recipe is None:
         return OpenedModel(model, tokenizer, source.describe(), "fp")
-    apply_rtn(model, adapter_for(model), recipe.layer_quant, recipe.kv_bits)
+    from abqcli.recipe_checks import check_recipe_fits
+
+    adapter = adapter_for(model)
+    check_recipe_fits(recipe, model, adapter)  # the checks of abq quantize, before any weight is rounded
+    apply_rtn(model, adapter, recipe.layer_quant, recipe.kv_bits)
     return OpenedModel(model, tokenizer, source.describe(), f"fake-quant RTN {describe(recipe)}")
 
 
@@ -130,10 +147,13 @@ def check_seqlen(seqlen: int, config) -> None:
         raise InputError(f"seqlen {seqlen} is longer than the model's context ({context} tokens)")
 
 
-def run_eval(req: EvalRequest, on_window: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
+def run_eval(req: EvalRequest, on_window: Callable[[int, int, float], None] | None = None,
+             on_status: Callable[[str], None] | None = None) -> PerplexityResult:
     """Load, optionally fake-quantize (RTN) or open a quantized export, and measure perplexity.
 
-    `on_window(i, n, running_ppl)` is called after each window (for progress display).
+    For progress display: `on_status(text)` once the model is loaded and the windows are cut (every input
+    check has passed by then, so a refused input prints only its error line), `on_window(i, n,
+    running_ppl)` after each window.
     """
     from abqcli import data
 
@@ -146,6 +166,8 @@ def run_eval(req: EvalRequest, on_window: Callable[[int, int, float], None] | No
     ids, has_bos = data.tokenize(opened.tokenizer, text.text)
     segments = data.eval_segments(ids, req.seqlen, req.limit)
     n = segments.shape[0]
+    if on_status is not None:
+        on_status(f"loaded {req.model} ({opened.mode}): scoring {n} windows of {req.seqlen} tokens")
     callback = (lambda i, ppl: on_window(i, n, ppl)) if on_window else None
     ppl, tokens, seconds = perplexity(opened.model, segments, device, callback)
     return PerplexityResult(

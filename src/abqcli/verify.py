@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -230,11 +231,13 @@ def teacher_forced_logits(packed: nn.Module, reference: nn.Module, ids: torch.Te
 
 @torch.no_grad()
 def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str = "wikitext2", windows: int = 2,
-                  seqlen: int | None = None, layer_rows: int = LAYER_ROWS) -> VerifyReport:
+                  seqlen: int | None = None, layer_rows: int = LAYER_ROWS,
+                  on_status: Callable[[str], None] | None = None) -> VerifyReport:
     """Check a packed export layer by layer (integer exactness, float agreement) and end to end
     (logits, perplexity) against its fake-quant twin. Raises InputError for unusable input (including
     `backend="cupy"` without CuPy and a GPU, checked before anything is loaded); check failures are
-    reported in the returned report (`ok` False, `problems`)."""
+    reported in the returned report (`ok` False, `problems`). `on_status(text)` tells each phase for
+    progress display (loaded, each window, the layer checks), from when every input check has passed."""
     from abqcli.runtime import (
         BTCLinear,
         _build,
@@ -262,6 +265,9 @@ def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str =
         text=text, text_note=note, seqlen=seqlen, windows=int(segments.shape[0]),
     )
     linears = {name: m for name, m in model.named_modules() if isinstance(m, BTCLinear)}
+    status = on_status or (lambda _: None)
+    status(f"loaded {path} (packed, {backend} backend) and its fake-quant twin: comparing "
+           f"{report.windows} windows of {seqlen} tokens")
     nll = {"packed": 0.0, "fakequant": 0.0}
     tokens = 0
     captured: dict[str, torch.Tensor] = {}
@@ -282,11 +288,14 @@ def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str =
         nll["packed"] += F.cross_entropy(logits_p[:-1], target, reduction="sum").double().item()
         nll["fakequant"] += F.cross_entropy(logits_f[:-1], target, reduction="sum").double().item()
         tokens += target.numel()
+        status(f"window {i + 1}/{len(segments)}: ppl {math.exp(nll['packed'] / tokens):.3f} packed, "
+               f"{math.exp(nll['fakequant'] / tokens):.3f} fake-quant")
     report.ppl_packed = math.exp(nll["packed"] / tokens)
     report.ppl_fakequant = math.exp(nll["fakequant"] / tokens)
     report.ppl_rel_diff = abs(report.ppl_packed - report.ppl_fakequant) / report.ppl_fakequant
     report.nll_rel_diff = abs(nll["packed"] - nll["fakequant"]) / max(abs(nll["fakequant"]), 1e-30)
 
+    status(f"checking {len(linears)} quantized layers (integer GEMM, float output)")
     for name, module in linears.items():
         if name not in captured:
             report.problems.append(f"{name}: no input captured (the layer never ran)")

@@ -1,0 +1,75 @@
+"""Checks of a valid recipe against the model it is applied to, shared by `abq quantize` and `abq eval`.
+
+`recipe_from_dict` checks what a recipe says on its own; these check what it means for one model (its
+architecture, its layer sizes), once the model's structure is known and before any calibration or
+rounding runs. Each raises one InputError (exit 2).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+from abqcli.errors import InputError
+from abqcli.recipe import Recipe, show_value
+
+
+def check_loss_terms(recipe: Recipe) -> None:
+    """ABQ training needs at least one loss term."""
+    cal = recipe.calibration
+    if cal.method == "abq" and not (cal.loss.mse or cal.loss.cosine or cal.loss.attention_kl):
+        raise InputError("calibration.loss: every term is off (mse, cosine, attention_kl); enable at least one, "
+                         "or use calibration.method: rtn")
+
+
+def check_group_sizes(recipe: Recipe, model, adapter) -> None:
+    """A weight group larger than a quantized linear's input size is a recipe error (before any output)."""
+    for index, block in enumerate(adapter.blocks(model)):
+        prefix = adapter.block_prefix(index)
+        for rel in adapter.linear_names(block):
+            quant = recipe.layer_quant(f"{prefix}.{rel}")
+            group = None if quant is None else quant.weight.group_size
+            in_features = block.get_submodule(rel).in_features
+            if group is not None and group > in_features:
+                raise InputError(f"weights.group_size {group} is larger than the input size ({in_features}) "
+                                 f"of {prefix}.{rel}")
+
+
+def check_overrides_match(recipe: Recipe, linear_names: list[str]) -> None:
+    """An override pattern that matches no linear of this architecture is a recipe error."""
+    for pattern in recipe.overrides:
+        if not any(fnmatch(name, pattern) for name in linear_names):
+            raise InputError(f"overrides.{show_value(pattern)}: matches no linear layer of this model "
+                             f"(layers look like {linear_names[0]!r})")
+
+
+def check_something_quantized(recipe: Recipe, linear_names: list[str]) -> None:
+    """A recipe whose `ignore` patterns leave every block linear in full precision quantizes nothing."""
+    if not any(recipe.layer_quant(name) is not None for name in linear_names):
+        patterns = ", ".join(show_value(p) for p in recipe.ignore[:4])
+        raise InputError(f"ignore: {patterns} leaves none of the {len(linear_names)} linear layers of this "
+                         f"model quantized (layers look like {linear_names[0]!r}); narrow the patterns")
+
+
+def check_adapter_maps(model, adapter) -> list[str]:
+    """Every module the adapter relies on exists in every block; returns all block linear names."""
+    names = []
+    for index, block in enumerate(adapter.blocks(model)):
+        modules = dict(block.named_modules())
+        needed = {adapter.attention, adapter.compensation_target}
+        for pair in adapter.let_pairs(block):
+            needed |= {pair.producer, *pair.consumers}
+        missing = sorted(n for n in needed if n not in modules)
+        if missing:
+            raise InputError(f"the {adapter.family} adapter cannot map block {index} of this model: "
+                             f"missing {', '.join(missing)}")
+        names += [f"{adapter.block_prefix(index)}.{rel}" for rel in adapter.linear_names(block)]
+    return names
+
+
+def check_recipe_fits(recipe: Recipe, model, adapter) -> None:
+    """Everything a recipe must satisfy for this model: the adapter maps every block, each override
+    matches a linear, at least one linear is quantized, and no weight group exceeds its layer's input."""
+    names = check_adapter_maps(model, adapter)
+    check_overrides_match(recipe, names)
+    check_something_quantized(recipe, names)
+    check_group_sizes(recipe, model, adapter)
