@@ -85,7 +85,8 @@ def test_quantize_refuses_a_missing_calibration_device_before_loading(device, wo
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     recipe = write_recipe(workdir, tiny_llama, tiny_text_file)
-    line = refused(workdir, capsys, "quantize", recipe, "--set", f"calibration.device={device}")
+    line = refused(workdir, capsys, "quantize", recipe, "--set", f"calibration.device={device}",
+                   "--output", "new/out")  # not even the output's parent is made
     assert "calibration.device" in line and device in line
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from abqcli.errors import InputError
+from abqcli.evaluate import resolve_device
 from abqcli.export import FAKEQUANT, PACKED, RECIPE_YAML, read_json
 from abqcli.outputs import (
     entries,
@@ -211,6 +212,7 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     its quant_log is the summary). Ctrl-C is re-raised as QuantizeInterrupted."""
     out_dir = resolve_output(Path(recipe.output.dir), model_inputs(recipe.model.path))
     check_loss_terms(recipe)
+    resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output is touched
     notify = notify or (lambda line: None)
     counting = _CountingProgress(progress or Progress())
     try:
@@ -242,7 +244,7 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
                           progress: Progress) -> dict:
     """The run itself, in its checked and locked output `out_dir`: load, calibrate (checkpoint in
     out_dir/checkpoint), then assemble the whole new output in a temporary sibling and swap it in."""
-    from abqcli.evaluate import check_seqlen, resolve_device
+    from abqcli.evaluate import check_seqlen
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import set_kv_quant
