@@ -184,6 +184,41 @@ def test_overwrite_replaces_a_previous_abq_output(work, exchange, monkeypatch, c
     assert siblings(out) == []  # no temporary, old or lock sibling left
 
 
+@pytest.mark.parametrize("leave", [["recipe.yaml", "quant_log.json", "hf-fakequant"], ["recipe.yaml"]],
+                         ids=["pre-marker-output", "only-a-recipe"])
+def test_an_output_without_the_marker(work, leave, capsys):
+    """Chosen: an output of an abq from before the marker is replaced when it holds nothing but abq's own
+    names and has a quant_log.json (or a checkpoint state); a lone recipe.yaml may be the user's own."""
+    out = work / "out"
+    (out / outputs.MARKER).unlink()
+    for path in out.iterdir():
+        if path.name in leave:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    before = snapshot(work.parent)
+    rc = abq(work, "quantize", "recipe.yaml", "--overwrite")
+    err = capsys.readouterr().err
+    if "quant_log.json" in leave:
+        assert rc == 0, err
+        assert_complete(out)
+    else:
+        assert rc == 2
+        assert "is not an abq output (it holds recipe.yaml)" in error_line(err)
+        assert snapshot(work.parent) == before
+
+
+def test_overwrite_with_a_bad_recipe_touches_nothing(work, capsys):
+    before = snapshot(work.parent)
+    rc = abq(work, "quantize", "recipe.yaml", "--overwrite", "--set", "scheme=w4a16",
+             "--set", "weights.group_size=256")
+    assert rc == 2
+    assert "is larger than the input size" in error_line(capsys.readouterr().err)
+    assert snapshot(work.parent) == before
+
+
 def test_exchange_swaps_two_directories(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
