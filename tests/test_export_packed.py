@@ -98,7 +98,7 @@ def assert_same_logits(packed, reference, ids: torch.Tensor) -> None:
 def fix_checksum(directory: Path, name: str) -> None:
     """Recompute one file's sha256 in abq.json, and the manifest's own seal (to reach the checks behind
     the checksum)."""
-    from abqcli.export import sha256_file
+    from abqcli.checksums import sha256_file
 
     manifest_path = directory / "abq.json"
     manifest = json.loads(manifest_path.read_text())

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from abqcli import __version__, outputs
+from abqcli.checksums import sha256_file
 from abqcli.errors import InputError
 from abqcli.quant.quantizer import LayerQuant, QuantizedWeight, WeightQuantSpec
 
@@ -38,14 +39,6 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 READ_IF_PRESENT = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_dir_atomically(target: Path, fill: Callable[[Path], None], overwrite: bool = True) -> None:

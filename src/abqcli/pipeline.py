@@ -164,7 +164,7 @@ def calibration_windows(recipe: Recipe, tokenizer, data_dir: str | None):
 def model_sha256(source) -> str:
     """sha256 over the files a model was loaded from (the GGUF file, or the config and weight files of
     its directory, in name order): identifies the model without naming a path of this machine."""
-    from abqcli.export import sha256_file
+    from abqcli.checksums import sha256_file
 
     if source.origin or source.gguf_file:
         files = [Path(source.origin or Path(source.directory) / source.gguf_file)]

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call
 
+from abqcli.checksums import sha256_file
 from abqcli.errors import InputError, RunError
-from abqcli.export import sha256_file
 from abqcli.models.adapters import Adapter
 from abqcli.quant.fakequant import QuantLinear, wrap_block_linears
 from abqcli.quant.loss import block_loss

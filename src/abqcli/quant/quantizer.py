@@ -32,6 +32,16 @@ def qmax_for(bits: int, balance: bool = False) -> int:
     return 2**bits - 1
 
 
+def scheme_label(bits: int, balance: bool, group_size: int | None, act_bits: int) -> str:
+    """The display name of one layer's scheme: `W4A4`, `W2*A8`, `W3A16 g128`."""
+    return f"W{bits}{'*' if balance else ''}A{act_bits}" + (f" g{group_size}" if group_size else "")
+
+
+def kv_label(kv_bits: int, act_bits: set[int]) -> str:
+    """` (kv A8)` when q/k/v are quantized or differ from the activations, else ``."""
+    return f" (kv A{kv_bits})" if kv_bits < FP_BITS or act_bits != {kv_bits} else ""
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even forward, identity backward."""
     return (torch.round(x) - x).detach() + x
