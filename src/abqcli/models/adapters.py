@@ -1,13 +1,16 @@
-"""One adapter per architecture family: where the decoder blocks are and how a block is wired.
+"""One adapter per architecture family: where the decoder blocks are, how a block is wired, and the
+facts about the architecture that calibration depends on (as class attributes: data, not `family` tests).
 
 The calibration loop, the LET transforms and the fake-quant wrappers only talk to a model through
-an adapter, so supporting a new family means writing one class here.
+an adapter, so supporting a new family means writing one class here (and adding it to ADAPTERS).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 from abqcli.errors import InputError
@@ -27,20 +30,66 @@ class LetPair:
     kind: str  # "norm" | "linear"
 
 
+class _StopForward(Exception):
+    pass
+
+
 class Adapter:
-    """Base class: the family-independent part."""
+    """Base class: the family-independent part.
+
+    Architecture facts a family sets:
+    rope:       positions enter q and k by RoPE (`rotate_half` mixes channel d with d + head_dim/2), so a
+                q <-> k LET scale is tied over the two halves of each head to commute with it;
+    qk_scaling: scaling q rows by r and k rows by 1/r leaves q·kᵀ exact (false for q/k norms between the
+                projections and the product), so LET adds the q <-> k scale;
+    let_shift:  the family's norms and their consumers have biases, so `calibration.let.shift: auto` turns
+                LET shifts on for weight-activation runs (OPT).
+    """
 
     family: str = ""
     model_types: tuple[str, ...] = ()
     blocks_path: str = ""
     attention: str = ""  # attention submodule name inside a block
     compensation_target: str = ""  # linear that gets compensation vectors (DESIGN §4)
+    rope: bool = False
+    qk_scaling: bool = True
+    let_shift: bool = False
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}"
+
+    def attention_module(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.attention)
+
+    def capture_block_inputs(self, model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The first block's input hidden states for every window, [n, T, H] on the CPU, and the keyword
+        arguments the model passes to its blocks (position embeddings, mask), taken from the first window
+        and used for every block and window."""
+        first = self.blocks(model)[0]
+        hidden: list[torch.Tensor] = []
+        shared: dict = {}
+
+        def grab(_module, args, kwargs):
+            hidden.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
+            if not shared:
+                shared.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "use_cache")})
+            raise _StopForward
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for window in windows:
+                    try:
+                        model(window.unsqueeze(0).to(device))
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        return torch.cat(hidden), send_to_device(shared, "cpu")
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
         raise NotImplementedError
@@ -59,6 +108,7 @@ class LlamaAdapter(Adapter):
     blocks_path = "model.layers"
     attention = "self_attn"
     compensation_target = "mlp.down_proj"
+    rope = True
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
         return [
@@ -77,6 +127,7 @@ class OptAdapter(Adapter):
     blocks_path = "model.decoder.layers"
     attention = "self_attn"
     compensation_target = "fc2"
+    let_shift = True
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
         return [

@@ -15,11 +15,11 @@ it matter). Transforms, per `adapter.let_pairs(block)`:
   columns are multiplied by s. Under GQA (v_proj → o_proj) the scale has one entry per *kv* channel and is
   repeated over the query groups: o_proj input index h·head_dim + d uses s[(h // groups)·head_dim + d],
   which is how transformers' `repeat_kv` maps query head h onto kv head h // groups.
-- q ↔ k: q rows (and bias) times r, k rows (and bias) divided by r, r per kv head and channel, repeated
-  over the query groups for q. With RoPE (LLaMA family) `rotate_half` mixes channel d with d + head_dim/2,
-  so r is stored as [kv_heads, head_dim/2] and duplicated over the two halves (RoPE then commutes with the
-  scaling); without RoPE (OPT) r is a free [heads·head_dim] vector. OPT's `q·scaling` is linear and does
-  not interfere.
+- q ↔ k (where `adapter.qk_scaling`): q rows (and bias) times r, k rows (and bias) divided by r, r per kv
+  head and channel, repeated over the query groups for q. With RoPE (`adapter.rope`, LLaMA family)
+  `rotate_half` mixes channel d with d + head_dim/2, so r is stored as [kv_heads, head_dim/2] and
+  duplicated over the two halves (RoPE then commutes with the scaling); without RoPE (OPT) r is a free
+  [heads·head_dim] vector. OPT's `q·scaling` is linear and does not interfere.
 - compensation vectors on `adapter.compensation_target`: W' = W_transformed + a·bᵀ (a init 0, b init 1).
 
 Scales are parametrised directly (like OmniQuant) and initialised from activation statistics:
@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 from abqcli.errors import InputError
@@ -65,18 +66,6 @@ def _is_linear(mod: nn.Module) -> bool:
     from abqcli.quant.fakequant import QuantLinear
 
     return isinstance(mod, (nn.Linear, QuantLinear))
-
-
-def _to_device(obj, device: torch.device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 @torch.no_grad()
@@ -115,7 +104,7 @@ def collect_activation_stats(
     windows = 0
     try:
         for args, kwargs in inputs:
-            block(*_to_device(tuple(args), device), **_to_device(dict(kwargs), device))
+            block(*send_to_device(tuple(args), device), **send_to_device(dict(kwargs), device))
             windows += 1
     finally:
         for h in handles:
@@ -246,58 +235,75 @@ class BlockTransform(nn.Module):
 
     def _add_pair(self, pair: LetPair, stats: dict[str, ActStats] | None) -> None:
         consumers = [self._linear(c) for c in pair.consumers]
-        if pair.kind == "norm":
-            norm = self.block.get_submodule(pair.producer)
-            if getattr(norm, "weight", None) is None:
-                raise ValueError(f"LET pair {pair.name}: norm {pair.producer!r} has no weight")
-            channels = norm.weight.shape[0]
-        elif pair.kind == "linear":
-            channels = self._linear(pair.producer).weight.shape[0]
-        else:
-            raise ValueError(f"LET pair {pair.name}: unknown kind {pair.kind!r}")
-
-        in_features = {c.weight.shape[1] for c in consumers}
-        if len(in_features) != 1:
-            raise ValueError(f"LET pair {pair.name}: consumers disagree on in_features {sorted(in_features)}")
-        fan_in = in_features.pop()
-        head_dim, groups = 1, 1
-        if fan_in != channels:
-            # GQA v_proj -> o_proj: o's input has every kv head repeated over its query group
-            _, _, head_dim = self._attention_dims()
-            if pair.kind != "linear" or fan_in % channels or channels % head_dim:
-                raise ValueError(
-                    f"LET pair {pair.name}: {pair.producer} gives {channels} channels, consumers take {fan_in}"
-                )
-            groups = fan_in // channels
-
-        with_shift = False
-        if self.shift and pair.kind == "norm":
-            missing = [c for c, m in zip(pair.consumers, consumers) if m.bias is None]
-            if getattr(norm, "bias", None) is None:
-                missing.insert(0, pair.producer)
-            if missing:
-                raise InputError(
-                    f"LET shift needs biases, but {', '.join(missing)} of this {self.adapter.family} block "
-                    "has none; set calibration.let.shift to false (or auto)"
-                )
-            with_shift = True
-
-        plan = _Plan(pair, channels, groups, head_dim, with_shift)
+        producer = self._producer(pair)
+        channels = producer.weight.shape[0]
+        groups, head_dim = self._consumer_groups(pair, channels, consumers)
+        plan = _Plan(pair, channels, groups, head_dim, self._pair_has_shift(pair, producer, consumers))
         if stats is None:
             scale = torch.ones(channels, dtype=torch.float64)
             delta = torch.zeros(channels, dtype=torch.float64)
         else:
-            missing = [c for c in pair.consumers if c not in stats]
-            if missing:
-                raise ValueError(f"LET pair {pair.name}: no activation statistics for {', '.join(missing)}")
-            act = torch.stack([stats[c].max_abs.double().cpu() for c in pair.consumers]).amax(dim=0)
-            wmax = torch.stack([c.weight.detach().abs().amax(dim=0).double().cpu() for c in consumers]).amax(0)
-            scale = init_scale(self._reduce_groups(act, plan), self._reduce_groups(wmax, plan), self.alpha)
-            delta = stats[pair.consumers[0]].shift.double().cpu()
+            scale, delta = self._initial_scale_shift(plan, consumers, stats)
         self.scales[pair.name] = nn.Parameter(scale.to(self._dtype).to(self._device))
-        if with_shift:
+        if plan.shift:
             self.shifts[pair.name] = nn.Parameter(delta.to(self._dtype).to(self._device))
         self._plans.append(plan)
+
+    def _producer(self, pair: LetPair) -> nn.Module:
+        """The pair's norm (with a weight) or producing linear."""
+        if pair.kind == "norm":
+            norm = self.block.get_submodule(pair.producer)
+            if getattr(norm, "weight", None) is None:
+                raise ValueError(f"LET pair {pair.name}: norm {pair.producer!r} has no weight")
+            return norm
+        if pair.kind == "linear":
+            return self._linear(pair.producer)
+        raise ValueError(f"LET pair {pair.name}: unknown kind {pair.kind!r}")
+
+    def _consumer_groups(self, pair: LetPair, channels: int, consumers: list[nn.Module]) -> tuple[int, int]:
+        """(query groups, head_dim) of the consumer side: (1, 1) unless the consumers take every producer
+        channel repeated over the query groups (GQA v_proj -> o_proj)."""
+        in_features = {c.weight.shape[1] for c in consumers}
+        if len(in_features) != 1:
+            raise ValueError(f"LET pair {pair.name}: consumers disagree on in_features {sorted(in_features)}")
+        fan_in = in_features.pop()
+        if fan_in == channels:
+            return 1, 1
+        # GQA v_proj -> o_proj: o's input has every kv head repeated over its query group
+        _, _, head_dim = self._attention_dims()
+        if pair.kind != "linear" or fan_in % channels or channels % head_dim:
+            raise ValueError(
+                f"LET pair {pair.name}: {pair.producer} gives {channels} channels, consumers take {fan_in}"
+            )
+        return fan_in // channels, head_dim
+
+    def _pair_has_shift(self, pair: LetPair, producer: nn.Module, consumers: list[nn.Module]) -> bool:
+        """Whether the pair gets a learnable shift: with `shift`, every "norm" pair (InputError when the
+        norm or a consumer has no bias to fold it into)."""
+        if not (self.shift and pair.kind == "norm"):
+            return False
+        missing = [c for c, m in zip(pair.consumers, consumers) if m.bias is None]
+        if getattr(producer, "bias", None) is None:
+            missing.insert(0, pair.producer)
+        if missing:
+            raise InputError(
+                f"LET shift needs biases, but {', '.join(missing)} of this {self.adapter.family} block "
+                "has none; set calibration.let.shift to false (or auto)"
+            )
+        return True
+
+    def _initial_scale_shift(self, plan: _Plan, consumers: list[nn.Module],
+                             stats: dict[str, ActStats]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, δ) at init from the FP block's activation statistics (float64, CPU): `init_scale` over the
+        max of every consumer's input and weight columns, δ the first consumer's input range centre."""
+        pair = plan.pair
+        missing = [c for c in pair.consumers if c not in stats]
+        if missing:
+            raise ValueError(f"LET pair {pair.name}: no activation statistics for {', '.join(missing)}")
+        act = torch.stack([stats[c].max_abs.double().cpu() for c in pair.consumers]).amax(dim=0)
+        wmax = torch.stack([c.weight.detach().abs().amax(dim=0).double().cpu() for c in consumers]).amax(0)
+        scale = init_scale(self._reduce_groups(act, plan), self._reduce_groups(wmax, plan), self.alpha)
+        return scale, stats[pair.consumers[0]].shift.double().cpu()
 
     @staticmethod
     def _reduce_groups(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -315,6 +321,8 @@ class BlockTransform(nn.Module):
         return s.view(-1, plan.head_dim).repeat_interleave(plan.groups, dim=0).reshape(-1)
 
     def _add_qk(self) -> None:
+        if not self.adapter.qk_scaling:
+            return
         attn = self.adapter.attention
         q_name, k_name = f"{attn}.q_proj", f"{attn}.k_proj"
         try:
@@ -323,7 +331,7 @@ class BlockTransform(nn.Module):
         except AttributeError:
             return
         _, kv_heads, head_dim = self._attention_dims()
-        rope = self.adapter.family == "llama"
+        rope = self.adapter.rope
         if rope:
             if head_dim % 2:
                 raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
