@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from abqcli.errors import InputError, RunError
 from abqcli.export import QUANT_STATE, layer_quant_from_meta, read_manifest
 from abqcli.pipeline import CHECKPOINT_DIR, run_quantize
-from abqcli.quant.calibrate import CHECKPOINT_STATE, BlockLog, Progress
+from abqcli.quant.calibrate import Progress
+from abqcli.quant.checkpoint import CHECKPOINT_STATE, BlockLog
 from abqcli.quant.quantizer import QuantizedWeight, fake_quantize_weight
 from abqcli.recipe import load_recipe
 

@@ -24,7 +24,7 @@ import pytest
 from abqcli import export, outputs
 from abqcli.export import read_manifest
 from abqcli.models import loading
-from abqcli.quant import calibrate
+from abqcli.quant.methods import abq as abq_method
 from test_quantize_cli import (
     abq,
     checkpoint_blocks,
@@ -440,7 +440,7 @@ def test_resume_of_a_run_killed_before_its_first_block_starts_again(work, monkey
     out = work / "out"
     shutil.rmtree(out)
     with monkeypatch.context() as patch:
-        patch.setattr(calibrate, "block_loss", interrupted_loss)
+        patch.setattr(abq_method, "block_loss", interrupted_loss)
         assert abq(work, "quantize", "recipe.yaml") == 130
     assert "before any block was checkpointed" in flat(capsys.readouterr().err)
     assert (out / outputs.MARKER).is_file() and not (out / "checkpoint" / "state.json").exists()

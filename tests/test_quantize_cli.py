@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from abqcli import cli
-from abqcli.quant import calibrate
+from abqcli.quant.methods import abq as abq_method
 
 # lrs raised from the defaults (and compensation lowered: b = 1 makes a·bᵀ move every output of OPT's
 # fc2, whose input is a non-negative ReLU output, by a_i·Σx) so that 5 full-batch steps on a random
@@ -295,7 +295,7 @@ def test_nan_loss_names_block_epoch_step_and_resume_completes(runs, tmp_path, mo
     # batch_size 2: two steps per epoch, 5 epochs -> calls 0..9 are block 0; call 13 is block 1, epoch 1, step 1
     recipe = runs.recipe(tmp_path, "llama", batch_size=2)
     out = tmp_path / "out"
-    real = calibrate.block_loss
+    real = abq_method.block_loss
     calls = itertools.count()
 
     def nan_loss(*args, **kwargs):
@@ -306,7 +306,7 @@ def test_nan_loss_names_block_epoch_step_and_resume_completes(runs, tmp_path, mo
 
     capsys.readouterr()
     with monkeypatch.context() as patch:
-        patch.setattr(calibrate, "block_loss", nan_loss)
+        patch.setattr(abq_method, "block_loss", nan_loss)
         rc = abq(tmp_path, "quantize", recipe)
     line = error_line(capsys.readouterr().err)
     assert rc == 1

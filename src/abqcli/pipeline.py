@@ -39,7 +39,8 @@ from abqcli.outputs import (
     resolve_output,
     write_marker,
 )
-from abqcli.quant.calibrate import CHECKPOINT_STATE, CalibrationResult, Calibrator, Progress, read_checkpoint
+from abqcli.quant.calibrate import CalibrationResult, Calibrator, Progress
+from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
 from abqcli.recipe_checks import check_loss_terms, check_recipe_fits
 

@@ -11,12 +11,13 @@ from fnmatch import fnmatch
 
 from abqcli.errors import InputError
 from abqcli.recipe import Recipe, show_value
+from abqcli.registry import METHODS
 
 
 def check_loss_terms(recipe: Recipe) -> None:
-    """ABQ training needs at least one loss term."""
+    """A method that trains on the loss (`needs_loss`: abq) needs at least one loss term."""
     cal = recipe.calibration
-    if cal.method == "abq" and not (cal.loss.mse or cal.loss.cosine or cal.loss.attention_kl):
+    if METHODS.load(cal.method).needs_loss and not (cal.loss.mse or cal.loss.cosine or cal.loss.attention_kl):
         raise InputError("calibration.loss: every term is off (mse, cosine, attention_kl); enable at least one, "
                          "or use calibration.method: rtn")
 

@@ -1,0 +1,145 @@
+"""Calibration methods: how one decoder block's float weights become integer weights.
+
+A method is a plain class registered by name in `abqcli.registry.METHODS` (`calibration.method`). The
+block loop (`abqcli.quant.calibrate`) owns everything around it: the teacher outputs, the two input
+chains, the device, progress and the checkpoint. For every block it calibrates (a checkpointed block is
+loaded instead) it makes one `BlockContext` and calls, in this order:
+
+    method.prepare(ctx)                    # per-block state: learnable tensors, statistics, Hessians ...
+    method.steps(ctx) -> int               # optimizer steps train() takes (progress); 0: it does not train
+    method.train(ctx, on_step) -> Training # optional; on_step(epoch, step, loss) after every step
+    method.fold(ctx) -> {linear: QuantizedWeight}   # writes the dequantized weights into ctx.qblock
+
+`fold` quantizes every linear through `round_weight`: a method that only rounds differently (GPTQ)
+overrides `prepare` (to gather what it needs from `ctx`) and `round_weight`; a method that trains
+overrides `train`, and `folded_params` when it transforms the block before rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from abqcli.models.adapters import Adapter
+from abqcli.quant.fakequant import QuantLinear
+from abqcli.quant.quantizer import QuantizedWeight, quantize_weight
+from abqcli.recipe import Recipe
+
+StepCallback = Callable[[int, int, float], None]  # (epoch, step, loss), both counted from 0
+
+
+def batches(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int,
+              device: torch.device) -> torch.Tensor:
+    """`block` on every window of `inputs` ([n, T, H], CPU), batch by batch on `device`; the outputs on the CPU."""
+    return torch.cat([block(inputs[b].to(device), **kwargs).cpu() for b in batches(len(inputs), batch_size)])
+
+
+@dataclass
+class BlockContext:
+    """What the loop gives a method for one block. The tensors of the two chains stay on the CPU; a
+    method moves one batch at a time to `device`.
+
+    qblock:   the block being quantized, on `device` in float32, its quantized linears wrapped in
+              QuantLinear (`qlinears`, keyed by name relative to the block) and its KV cache quantized;
+    fp_block: a float copy of it before any change (FP KV cache): the teacher;
+    fp_in:    the FP-chain input [n, T, H] (the FP model's hidden states entering this block);
+    q_in:     the quantized-chain input [n, T, H] (what the already quantized blocks before this one give);
+              the inputs of qblock's linears on it (hooks on `qlinears`, `run(qblock, q_in)`) are what a
+              Hessian-based rounding accumulates;
+    fp_out:   fp_block on fp_in: the FP-chain output Y_1 (the next block's fp_in);
+    kwargs:   the keyword arguments of the block's forward (position embeddings, mask), on `device`.
+    """
+
+    index: int
+    num_blocks: int
+    qblock: nn.Module
+    fp_block: nn.Module
+    qlinears: dict[str, QuantLinear]
+    fp_in: torch.Tensor
+    q_in: torch.Tensor
+    fp_out: torch.Tensor
+    kwargs: dict
+    device: torch.device
+    batch_size: int
+
+    def batches(self) -> list[slice]:
+        """The calibration batches over the windows (`calibration.batch_size`)."""
+        return batches(len(self.q_in), self.batch_size)
+
+    def run(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """`module` (qblock or fp_block) on every window of `inputs`, without gradients; CPU output."""
+        return run_block(module, inputs, self.kwargs, self.batch_size, self.device)
+
+
+@dataclass
+class Training:
+    """What `train` reports for the block log: mean loss over the first / last epoch (None when it did
+    not train) and each loss term of the last step."""
+
+    loss_first: float | None = None
+    loss_last: float | None = None
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class NonFiniteLoss(Exception):
+    """Training met a NaN or infinite loss; the loop turns it into a RunError that says what to do."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+class CalibrationMethod:
+    """Base of every calibration method (see the module docstring for the order of the calls). One
+    instance serves a whole run; `prepare` starts a block and replaces the previous block's state.
+
+    needs_loss: it trains on `calibration.loss`, so a recipe with every loss term off is refused
+                (`abqcli.recipe_checks.check_loss_terms`).
+    """
+
+    needs_loss: ClassVar[bool] = False
+
+    def __init__(self, recipe: Recipe, adapter: Adapter):
+        self.recipe, self.adapter = recipe, adapter
+
+    def prepare(self, ctx: BlockContext) -> None:
+        """Set up this block's state (nothing by default)."""
+
+    def steps(self, ctx: BlockContext) -> int:
+        return 0
+
+    def train(self, ctx: BlockContext, on_step: StepCallback) -> Training:
+        return Training()
+
+    def folded_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        """New values of block parameters (by `named_parameters()` name) to fold before rounding."""
+        return {}
+
+    def round_weight(self, ctx: BlockContext, name: str, weight: torch.Tensor) -> QuantizedWeight:
+        """The integer state of linear `name` (relative to the block) from its (folded) float weight:
+        round to nearest with its recipe spec."""
+        return quantize_weight(weight, ctx.qlinears[name].quant.weight)
+
+    @torch.no_grad()
+    def fold(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        """Write the folded parameters and every quantized linear's dequantized weight into ctx.qblock;
+        return the integer states (what the checkpoint and the exports keep)."""
+        params = dict(self.folded_params(ctx))
+        named = dict(ctx.qblock.named_parameters())
+        states: dict[str, QuantizedWeight] = {}
+        for rel, lin in ctx.qlinears.items():
+            key = f"{rel}.weight"
+            states[rel] = self.round_weight(ctx, rel, params.get(key, lin.weight))
+            params[key] = states[rel].dequantize()
+        for key, value in params.items():
+            named[key].copy_(value.to(named[key].dtype))
+        return states

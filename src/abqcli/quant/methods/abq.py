@@ -1,0 +1,156 @@
+"""`calibration.method: abq`: LET, compensation and LWC trained on the distribution-correction loss
+(DESIGN §4, steps 2-4 of the loop).
+
+prepare: LET scales/shifts and compensation vectors (`BlockTransform`, scales initialised from the FP
+         block's activation statistics), LWC clipping factors per quantized linear;
+train:   AdamW over `epochs` passes of the calibration batches on `loss.block_loss` of the quantized block
+         on the quantized-chain input against Y_1 (FP block, FP-chain input) and Y_2 (FP block,
+         quantized-chain input);
+fold:    LET and compensation folded into the weights, then rounding with the learned LWC clipping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from abqcli.models.adapters import Adapter
+from abqcli.quant.loss import block_loss
+from abqcli.quant.methods import BlockContext, CalibrationMethod, NonFiniteLoss, StepCallback, Training
+from abqcli.quant.quantizer import FP_BITS, QuantizedWeight, fake_quantize_weight, quantize_weight
+from abqcli.quant.transforms import BlockTransform, collect_activation_stats
+from abqcli.recipe import Recipe
+
+TEACHER_PROBS_CACHE_BYTES = 1 << 30  # keep teacher attention maps for the whole block below this size
+
+
+@torch.no_grad()
+def record_probs(block: nn.Module, adapter: Adapter, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Head-averaged attention probabilities of `block` on `inputs`."""
+    attn = adapter.attention_module(block)
+    attn.abq_record_probs = True
+    try:
+        block(inputs, **kwargs)
+    finally:
+        attn.abq_record_probs = False
+    probs, attn.abq_probs = attn.abq_probs, None
+    return probs
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+class AbqMethod(CalibrationMethod):
+    """Trains the block's LET / compensation / LWC parameters, then folds and rounds with them."""
+
+    needs_loss = True
+
+    def __init__(self, recipe: Recipe, adapter: Adapter):
+        super().__init__(recipe, adapter)
+        shift = recipe.calibration.let.shift
+        self.use_shift = shift is True or (
+            shift == "auto" and adapter.let_shift and recipe.activations.bits < FP_BITS
+        )
+        self.transform: BlockTransform | None = None
+        self.lwc: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+
+    def prepare(self, ctx: BlockContext) -> None:
+        cal = self.recipe.calibration
+        stats = None
+        if cal.let.enabled:
+            stats = collect_activation_stats(
+                ctx.fp_block, self.adapter, [((ctx.fp_in[b].to(ctx.device),), ctx.kwargs) for b in ctx.batches()]
+            )
+        compensate = ctx.index < cal.compensation.first or ctx.index >= ctx.num_blocks - cal.compensation.last
+        self.transform = BlockTransform(
+            ctx.qblock, self.adapter, stats, let=cal.let.enabled, alpha=cal.let.alpha, shift=self.use_shift,
+            compensation=cal.compensation.enabled and compensate,
+        )
+        self.lwc = {}
+        if cal.lwc.enabled:
+            for rel, lin in ctx.qlinears.items():
+                shape = (lin.out_features, lin.quant.weight.num_groups(lin.in_features))
+                init = torch.full(shape, cal.lwc.init, device=lin.weight.device)
+                self.lwc[rel] = (nn.Parameter(init.clone()), nn.Parameter(init.clone()))
+
+    def steps(self, ctx: BlockContext) -> int:
+        return self.recipe.epochs * len(ctx.batches())
+
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        cal = self.recipe.calibration
+        groups = [
+            {"params": self.transform.let_parameters(), "lr": cal.let.lr},
+            {"params": [p for pair in self.lwc.values() for p in pair], "lr": cal.lwc.lr},
+            {"params": self.transform.compensation_parameters(), "lr": cal.compensation.lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
+
+    def train(self, ctx: BlockContext, on_step: StepCallback) -> Training:
+        optimizer = self._optimizer()
+        if optimizer is None:
+            return Training()
+        fp_on_q = ctx.run(ctx.fp_block, ctx.q_in)
+        teacher_probs = self._teacher_probs(ctx)
+        epoch_losses: list[list[float]] = []
+        terms: dict[str, float] = {}
+        for epoch in range(self.recipe.epochs):
+            epoch_losses.append([])
+            for step, b in enumerate(ctx.batches()):
+                p_1 = teacher_probs[step] if teacher_probs else None
+                loss, terms = self._loss(ctx, b, fp_on_q, p_1)
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLoss(epoch, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                epoch_losses[-1].append(loss.item())
+                on_step(epoch, step, loss.item())
+        return Training(_mean(epoch_losses[0]), _mean(epoch_losses[-1]), terms)
+
+    def _teacher_probs(self, ctx: BlockContext) -> list[torch.Tensor] | None:
+        """P_1 for every batch, kept when small (heads are averaged: nsamples * T^2 floats), else None
+        and `_loss` recomputes them per batch (DESIGN §4: long windows on big models)."""
+        n, t = ctx.fp_in.shape[:2]
+        if not self.recipe.calibration.loss.attention_kl or n * t * t * 4 > TEACHER_PROBS_CACHE_BYTES:
+            return None
+        return [record_probs(ctx.fp_block, self.adapter, ctx.fp_in[b].to(ctx.device), ctx.kwargs)
+                for b in ctx.batches()]
+
+    def _quantized_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        """Transformed block parameters with every quantized linear's weight fake-quantized (differentiable)."""
+        params = dict(self.transform.transformed_params())
+        for rel, lin in ctx.qlinears.items():
+            key = f"{rel}.weight"
+            params[key] = fake_quantize_weight(params.get(key, lin.weight), lin.quant.weight, self.lwc.get(rel))
+        return params
+
+    def _loss(self, ctx: BlockContext, b: slice, fp_on_q: torch.Tensor, p_1: torch.Tensor | None):
+        """The block loss of batch `b` (and its terms): Y_q against Y_1 = fp_out and Y_2 = fp_on_q."""
+        dev = ctx.device
+        attn_q = self.adapter.attention_module(ctx.qblock)
+        want_kl = self.recipe.calibration.loss.attention_kl
+        if want_kl and p_1 is None:
+            p_1 = record_probs(ctx.fp_block, self.adapter, ctx.fp_in[b].to(dev), ctx.kwargs)
+        attn_q.abq_record_probs = want_kl
+        try:
+            y_q = functional_call(ctx.qblock, self._quantized_params(ctx), (ctx.q_in[b].to(dev),), ctx.kwargs)
+        finally:
+            attn_q.abq_record_probs = False
+        p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
+        return block_loss(y_q, ctx.fp_out[b].to(dev), fp_on_q[b].to(dev), p_q, p_1, self.recipe.calibration.loss)
+
+    def folded_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        return self.transform.transformed_params()
+
+    def round_weight(self, ctx: BlockContext, name: str, weight: torch.Tensor) -> QuantizedWeight:
+        return quantize_weight(weight, ctx.qlinears[name].quant.weight, self.lwc.get(name))
+
+    def fold(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        states = super().fold(ctx)
+        self.transform, self.lwc = None, {}  # the block is done: free its learnable tensors
+        return states
