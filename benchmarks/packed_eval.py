@@ -38,15 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def rtn_export(model, tokenizer, recipe, target: Path, source: str) -> None:
     """RTN fake-quantize `model` in place per `recipe` and write it as abq-packed into `target`."""
-    from abqcli.export import write_packed
+    from abqcli.formats import ExportInput
+    from abqcli.formats.abq_packed import ABQ_PACKED
     from abqcli.models.adapters import adapter_for
     from abqcli.quant.fakequant import apply_rtn
     from abqcli.recipe import describe, dump_recipe
 
     wrapped, states = apply_rtn(model, adapter_for(model), recipe.layer_quant, recipe.kv_bits)
     layers = {name: q.quant for name, q in wrapped.items()}
-    write_packed(target, model, tokenizer, dump_recipe(recipe), recipe.kv_bits, layers, states,
-                 {"model": source, "method": "rtn", "scheme": describe(recipe)})
+    ABQ_PACKED.write(target, ExportInput(model, tokenizer, dump_recipe(recipe), recipe.kv_bits, layers, states,
+                                         {"model": source, "method": "rtn", "scheme": describe(recipe)}))
 
 
 def timed_ppl(model, segments) -> tuple[float, float]:
@@ -60,9 +61,9 @@ def timed_ppl(model, segments) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     from abqcli import data
+    from abqcli.formats.abq_packed import load_packed
     from abqcli.models.loading import load_model
     from abqcli.recipe import describe, load_recipe
-    from abqcli.runtime import load_packed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")

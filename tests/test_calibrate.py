@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from abqcli.errors import InputError, RunError
-from abqcli.export import QUANT_STATE, layer_quant_from_meta, read_manifest
+from abqcli.formats import QUANT_STATE
+from abqcli.formats.manifest import layer_quant_from_meta, read_manifest
 from abqcli.pipeline import CHECKPOINT_DIR, run_quantize
 from abqcli.quant.calibrate import Progress
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, BlockLog

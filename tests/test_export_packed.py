@@ -61,11 +61,12 @@ def rtn_model(model_dir: Path, layer_quant, kv_bits: int):
 
 def export_packed(model_dir: Path, out: Path, layer_quant, kv_bits: int, **kwargs):
     """RTN-quantize `model_dir` and write it as abq-packed into `out`; returns the fake-quant model."""
-    from abqcli.export import write_packed
+    from abqcli.formats import ExportInput
+    from abqcli.formats.abq_packed import ABQ_PACKED
 
     model, tokenizer, layers, states = rtn_model(model_dir, layer_quant, kv_bits)
-    write_packed(out, model, tokenizer, "scheme: test\n", kv_bits, layers, states,
-                 {"model": str(model_dir), "method": "rtn"}, **kwargs)
+    ABQ_PACKED.write(out, ExportInput(model, tokenizer, "scheme: test\n", kv_bits, layers, states,
+                                      {"model": str(model_dir), "method": "rtn"}), **kwargs)
     return model
 
 
@@ -108,7 +109,7 @@ def fix_checksum(directory: Path, name: str) -> None:
 
 def write_sealed_manifest(directory: Path, manifest: dict) -> None:
     """Write an edited abq.json with its manifest_sha256 recomputed (to reach the checks behind the seal)."""
-    from abqcli.export import MANIFEST_SHA256, manifest_digest
+    from abqcli.formats.manifest import MANIFEST_SHA256, manifest_digest
 
     manifest[MANIFEST_SHA256] = manifest_digest(manifest)
     (directory / "abq.json").write_text(json.dumps(manifest))
@@ -120,7 +121,8 @@ def write_sealed_manifest(directory: Path, manifest: dict) -> None:
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_round_trip_logits(arch, scheme, tiny_models, tmp_path):
-    from abqcli.runtime import BTCLinear, load_packed
+    from abqcli.formats.abq_packed import load_packed
+    from abqcli.runtime import BTCLinear
 
     lq, kv_bits, planes = SCHEMES[scheme]
     out = tmp_path / "packed"
@@ -167,7 +169,7 @@ def test_directory_contents(tiny_llama, tmp_path):
 
 
 def test_tied_embeddings_saved_once_and_biases_kept(tiny_opt, tmp_path):
-    from abqcli.runtime import load_packed
+    from abqcli.formats.abq_packed import load_packed
 
     out = tmp_path / "packed"
     export_packed(tiny_opt, out, SCHEMES["w4a4"][0], 4)
@@ -186,7 +188,7 @@ def test_grouped_and_mixed_layers(tmp_path):
     """A wider llama: g128 BTC layers with two groups in down_proj, and a per-module override."""
     from transformers import LlamaConfig
 
-    from abqcli.runtime import load_packed
+    from abqcli.formats.abq_packed import load_packed
     from conftest import save_tiny_model
 
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
@@ -218,7 +220,7 @@ def test_btc_layers_refuse_unaligned_groups(tiny_llama, tmp_path):
 
 
 def test_weight_only_layers_accept_any_group(tiny_llama, tmp_path):
-    from abqcli.runtime import load_packed
+    from abqcli.formats.abq_packed import load_packed
 
     lq = LayerQuant(WeightQuantSpec(4, 32, False), 16)
     fq_model = export_packed(tiny_llama, tmp_path / "packed", lq, 16)
@@ -237,13 +239,14 @@ def test_existing_target_needs_overwrite(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_pack_fakequant_same_logits(arch, tiny_models, tmp_path):
-    from abqcli.export import open_fakequant, pack_fakequant, write_fakequant
-    from abqcli.runtime import load_packed
+    from abqcli.formats import ExportInput
+    from abqcli.formats.abq_packed import load_packed, pack_fakequant
+    from abqcli.formats.hf_fakequant import HF_FAKEQUANT, open_fakequant
 
     lq, kv_bits, _ = SCHEMES["w4a4"]
     model, tokenizer, layers, states = rtn_model(tiny_models[arch], lq, kv_bits)
     fq_dir, packed_dir = tmp_path / "fq", tmp_path / "packed"
-    write_fakequant(fq_dir, model, tokenizer, "scheme: w4a4\n", kv_bits, layers, states, {"method": "rtn"})
+    HF_FAKEQUANT.write(fq_dir, ExportInput(model, tokenizer, "scheme: w4a4\n", kv_bits, layers, states, {"method": "rtn"}))
     assert pack_fakequant(fq_dir, packed_dir) == packed_dir
 
     packed, _, manifest = load_packed(packed_dir)

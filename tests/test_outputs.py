@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from abqcli import export, outputs
-from abqcli.export import read_manifest
+from abqcli import outputs
+from abqcli.formats.hf_fakequant import HF_FAKEQUANT
+from abqcli.formats.manifest import read_manifest
 from abqcli.models import loading
 from abqcli.quant.methods import abq as abq_method
 from test_quantize_cli import (
@@ -231,13 +232,13 @@ def test_exchange_swaps_two_directories(tmp_path):
 
 def _interrupt_in_export(monkeypatch) -> None:
     """Ctrl-C once the hf-fakequant export has been written into the staging directory."""
-    real = export.write_fakequant
+    real = HF_FAKEQUANT.write
 
     def write_then_interrupt(*args, **kwargs):
         real(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "write_fakequant", write_then_interrupt)
+    monkeypatch.setattr(HF_FAKEQUANT, "write", write_then_interrupt)
 
 
 @pytest.mark.parametrize("moment", ["after-block-0", "in-export"])

@@ -167,7 +167,7 @@ def test_loss_falls_in_every_block(runs, case):
 def test_output_loads_with_plain_transformers_and_abq_reapplies_quantization(runs, case, tiny_text_file):
     from transformers import AutoModelForCausalLM
 
-    from abqcli.export import open_fakequant
+    from abqcli.formats.hf_fakequant import open_fakequant
 
     fq = runs.get(*case) / "hf-fakequant"
     window = first_window(fq, tiny_text_file)

@@ -34,7 +34,7 @@ def packed_copy(packed_llama, tmp_path) -> Path:
 
 
 def _one_line_error(directory, match: str, **kwargs) -> str:
-    from abqcli.runtime import load_packed
+    from abqcli.formats.abq_packed import load_packed
 
     with pytest.raises(InputError, match=match) as info:
         load_packed(directory, **kwargs)
@@ -78,7 +78,8 @@ def test_btc_linear_rejects_unknown_backend():
 
 
 def test_load_packed_runs_and_reports(packed_llama, tiny_llama):
-    from abqcli.runtime import BTCLinear, load_packed
+    from abqcli.formats.abq_packed import load_packed
+    from abqcli.runtime import BTCLinear
 
     model, tokenizer, manifest = load_packed(packed_llama)
     assert manifest["format"] == "abq-packed"
@@ -99,7 +100,7 @@ def test_load_packed_runs_and_reports(packed_llama, tiny_llama):
 def test_load_packed_bfloat16(packed_llama):
     """bf16: the packed layers compute in fp32 and return bf16; agreement with the bf16 fake-quant twin
     is bounded by bf16 rounding (weights and activations to 8 significant bits)."""
-    from abqcli.runtime import load_fakequant_twin, load_packed
+    from abqcli.formats.abq_packed import load_fakequant_twin, load_packed
     from abqcli.verify import teacher_forced_logits
 
     model, _, _ = load_packed(packed_llama, dtype="bfloat16")
@@ -175,10 +176,11 @@ def test_not_an_abq_export_refused(tiny_llama, tmp_path):
 
 
 def test_fakequant_dir_refused_by_load_packed(tiny_llama, tmp_path):
-    from abqcli.export import write_fakequant
+    from abqcli.formats import ExportInput
+    from abqcli.formats.hf_fakequant import HF_FAKEQUANT
 
     model, tokenizer, layers, states = rtn_model(tiny_llama, SCHEMES["w4a4"][0], 4)
-    write_fakequant(tmp_path / "fq", model, tokenizer, "", 4, layers, states, {})
+    HF_FAKEQUANT.write(tmp_path / "fq", ExportInput(model, tokenizer, "", 4, layers, states, {}))
     _one_line_error(tmp_path / "fq", "holds format 'hf-fakequant', expected 'abq-packed'")
 
 
@@ -199,8 +201,10 @@ def test_unknown_backend_refused(packed_llama):
 
 
 def test_open_abq_output_dispatch(packed_llama, tiny_llama, tmp_path):
-    from abqcli.export import write_fakequant
-    from abqcli.runtime import BTCLinear, open_abq_output
+    from abqcli.formats import ExportInput
+    from abqcli.formats.hf_fakequant import HF_FAKEQUANT
+    from abqcli.formats.manifest import open_abq_output
+    from abqcli.runtime import BTCLinear
 
     model, _, mode = open_abq_output(packed_llama, "float32", "cpu", "cpu")
     assert mode == "packed BTC W4A4 (kv A4) (backend cpu)"
@@ -208,7 +212,7 @@ def test_open_abq_output_dispatch(packed_llama, tiny_llama, tmp_path):
 
     fq_model, tok, layers, states = rtn_model(tiny_llama, SCHEMES["w2*a8"][0], 8)
     run_dir = tmp_path / "run"  # the layout `abq quantize` writes: one folder per format
-    write_fakequant(run_dir / "hf-fakequant", fq_model, tok, "", 8, layers, states, {"method": "abq"})
+    HF_FAKEQUANT.write(run_dir / "hf-fakequant", ExportInput(fq_model, tok, "", 8, layers, states, {"method": "abq"}))
     opened, _, mode = open_abq_output(run_dir, "float32", "cpu", "cpu")
     assert mode == "calibrated fake-quant W2*A8 (kv A8) (abq)"
     ids = sample_ids()
@@ -223,7 +227,7 @@ def test_open_abq_output_dispatch(packed_llama, tiny_llama, tmp_path):
 
 
 def test_describe_layers_mixed():
-    from abqcli.runtime import describe_layers
+    from abqcli.formats import describe_layers
 
     meta = {"bits": 4, "balance": False, "group_size": None, "act_bits": 16}
     modules = {"a": meta, "b": meta, "c": {**meta, "bits": 8, "group_size": 128}}
@@ -233,7 +237,7 @@ def test_describe_layers_mixed():
 
 def test_round_trip_against_rtn_model_llama_w2star(packed_llama, tiny_llama, tmp_path):
     """load_packed of a W2*A8 export matches the in-memory fake-quant model (teacher-forced)."""
-    from abqcli.runtime import load_packed
+    from abqcli.formats.abq_packed import load_packed
 
     out = tmp_path / "w2"
     reference = export_packed(tiny_llama, out, SCHEMES["w2*a8"][0], 8)

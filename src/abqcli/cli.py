@@ -256,7 +256,7 @@ def pack_cmd(
                                             "one is complete).")] = False,
 ) -> None:
     """Pack an hf-fakequant output into the BTC bit-plane format (abq-packed)."""
-    from abqcli.export import pack_fakequant
+    from abqcli.formats.abq_packed import pack_fakequant
 
     written = pack_fakequant(directory, output, overwrite)
     out.print(f"wrote {written}", markup=False, highlight=False, soft_wrap=True)

@@ -97,18 +97,16 @@ class OpenedModel:
 
 def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=None) -> OpenedModel:
     """The model to evaluate: FP, RTN fake-quant of an FP model under `recipe`, or an abq export."""
-    from abqcli.export import is_abq_output
+    from abqcli.formats import is_abq_output
+    from abqcli.formats.manifest import open_abq_output, resolve_output_dir
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import apply_rtn
     from abqcli.recipe import describe
-    from abqcli.runtime import resolve_output_dir
 
     if Path(name).is_dir() and is_abq_output(resolve_output_dir(name)):
         if recipe is not None:
             raise InputError(f"{name} is already quantized: drop --recipe/--scheme")
-        from abqcli.runtime import open_abq_output
-
         model, tokenizer, mode = open_abq_output(name, dtype, device, backend)
         if check_config is not None:
             check_config(model.config)

@@ -70,7 +70,7 @@ def entries(directory: Path) -> list[str]:
 
 def is_abq_dir(directory: Path) -> bool:
     """Written by abq: the marker of `abq quantize` or the manifest of an export."""
-    from abqcli.export import ABQ_JSON
+    from abqcli.formats import ABQ_JSON
 
     return (directory / MARKER).is_file() or (directory / ABQ_JSON).is_file()
 

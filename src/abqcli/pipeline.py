@@ -28,7 +28,7 @@ import torch
 
 from abqcli.errors import InputError
 from abqcli.evaluate import resolve_device
-from abqcli.export import FAKEQUANT, PACKED, RECIPE_YAML, read_json
+from abqcli.formats import RECIPE_YAML, ExportInput, read_json
 from abqcli.outputs import (
     entries,
     is_abq_dir,
@@ -43,12 +43,13 @@ from abqcli.quant.calibrate import CalibrationResult, Calibrator, Progress
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
 from abqcli.recipe_checks import check_loss_terms, check_recipe_fits
+from abqcli.registry import FORMATS
 
 QUANT_LOG = "quant_log.json"
 CHECKPOINT_DIR = "checkpoint"
 MARKER_KIND = "abq quantize output"
 # what an output of an abq from before the marker holds: only these names
-PRE_MARKER_NAMES = frozenset({RECIPE_YAML, QUANT_LOG, CHECKPOINT_DIR, FAKEQUANT, PACKED})
+PRE_MARKER_NAMES = frozenset({RECIPE_YAML, QUANT_LOG, CHECKPOINT_DIR, *FORMATS.names()})
 START, RESUME, RESTART, COMPLETE = "start", "resume", "restart", "complete"
 
 
@@ -284,14 +285,12 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
 
 def _write_formats(stage: Path, recipe: Recipe, model, tokenizer, recipe_yaml: str, result: CalibrationResult,
                    provenance: dict) -> dict[str, str]:
-    """Each requested format into `stage`; returns format -> its path in the final output."""
-    from abqcli.export import write_fakequant, write_packed
-
-    writers = {FAKEQUANT: write_fakequant, PACKED: write_packed}
+    """Each requested format into `stage`, in the recipe's order; returns format -> its path in the final
+    output."""
+    export = ExportInput(model, tokenizer, recipe_yaml, result.kv_bits, result.layers, result.quantized,
+                         provenance)
     outputs = {}
-    for fmt in (FAKEQUANT, PACKED):
-        if fmt in recipe.output.formats:
-            outputs[fmt] = str(Path(recipe.output.dir) / fmt)
-            writers[fmt](stage / fmt, model, tokenizer, recipe_yaml, result.kv_bits, result.layers,
-                         result.quantized, provenance)
+    for fmt in recipe.output.formats:
+        outputs[fmt] = str(Path(recipe.output.dir) / fmt)
+        FORMATS.load(fmt).write(stage / fmt, export)
     return outputs

@@ -238,13 +238,10 @@ def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str =
     `backend="cupy"` without CuPy and a GPU, checked before anything is loaded); check failures are
     reported in the returned report (`ok` False, `problems`). `on_status(text)` tells each phase for
     progress display (loaded, each window, the layer checks), from when every input check has passed."""
-    from abqcli.runtime import (
-        BTCLinear,
-        _build,
-        describe_layers,
-        require_backend,
-        resolve_output_dir,
-    )
+    from abqcli.formats import describe_layers
+    from abqcli.formats.abq_packed import PACKED, TWIN, build
+    from abqcli.formats.manifest import resolve_output_dir
+    from abqcli.runtime import BTCLinear, require_backend
 
     require_backend(backend)
     if windows < 1:
@@ -252,8 +249,8 @@ def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str =
     start = time.perf_counter()
     device = "cuda" if backend == "cupy" and torch.cuda.is_available() else "cpu"
     path = resolve_output_dir(directory)
-    model, tokenizer, export = _build(path, "float32", device, backend, "packed")
-    twin, _, _ = _build(path, "float32", device, "cpu", "fakequant", verify=False)
+    model, tokenizer, export = build(path, "float32", device, backend, PACKED)
+    twin, _, _ = build(path, "float32", device, "cpu", TWIN, verify=False)
     context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_SEQLEN
     seqlen = seqlen or min(DEFAULT_SEQLEN, context)
     if seqlen < 2 or seqlen > context:
@@ -362,9 +359,10 @@ def inspect_export(directory) -> dict:
     scales, zeros, code sums); totals: bits per weight with and without the scale/zero/sum overhead,
     size against fp16 of the same layers, and the file sizes."""
     from abqcli.btc.format import num_planes, tensor_names
-    from abqcli.export import PACKED_WEIGHTS
+    from abqcli.formats import describe_layers
+    from abqcli.formats.abq_packed import PACKED_WEIGHTS, read_packed_export
+    from abqcli.formats.manifest import resolve_output_dir
     from abqcli.quant.quantizer import qmax_for
-    from abqcli.runtime import describe_layers, read_packed_export, resolve_output_dir
 
     export = read_packed_export(resolve_output_dir(directory))
     header = _header(export.directory / PACKED_WEIGHTS)

@@ -10,13 +10,23 @@ writer needs) and the names of the files abq writes. It imports no format.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
 
-from abqcli.quant.quantizer import LayerQuant, QuantizedWeight, WeightQuantSpec
+from abqcli.errors import InputError
+from abqcli.quant.quantizer import (
+    FP_BITS,
+    LayerQuant,
+    QuantizedWeight,
+    WeightQuantSpec,
+    kv_label,
+    scheme_label,
+)
 
 ABQ_JSON = "abq.json"  # the manifest of every output directory (formats/manifest.py)
 RECIPE_YAML = "recipe.yaml"
@@ -58,3 +68,31 @@ class OutputFormat(Protocol):
 
     def open(self, directory: Path, dtype: str, device: str, backend: str) -> tuple[nn.Module, Any, str]:
         """(model, tokenizer, one-line description) of a directory of this format, checked."""
+
+
+def read_json(path: Path) -> object:
+    """A JSON file, or an InputError naming it and where it is broken."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: not UTF-8 text (byte {exc.start})") from exc
+
+
+def is_abq_output(path: str | os.PathLike) -> bool:
+    return (Path(path) / ABQ_JSON).is_file()
+
+
+def describe_layers(layers: dict[str, dict], kv_bits: int) -> str:
+    """Short scheme text of an export's per-layer metadata, e.g. `W4A4`, `W2*A8 (kv A8)`, `W3A16 g128`;
+    mixed ones are listed most frequent first."""
+    counts: dict[str, int] = {}
+    acts = set()
+    for meta in layers.values():
+        act_bits = meta.get("act_bits", FP_BITS)
+        text = scheme_label(meta["bits"], bool(meta.get("balance")), meta.get("group_size"), act_bits)
+        counts[text] = counts.get(text, 0) + 1
+        acts.add(act_bits)
+    scheme = "/".join(sorted(counts, key=lambda t: -counts[t])) if counts else "no quantized layers"
+    return scheme + kv_label(kv_bits, acts)

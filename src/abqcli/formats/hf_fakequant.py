@@ -1,9 +1,32 @@
-"""Format `hf-fakequant` (docs/HF_FAKEQUANT.md): a plain transformers checkpoint of the dequantized
-weights plus the integer state of every quantized linear."""
+"""Format `hf-fakequant` (docs/HF_FAKEQUANT.md): a plain transformers checkpoint whose quantized linears
+hold the dequantized (folded) weights, plus `quant_state.safetensors` with the integer state per linear
+(`<name>.codes` uint8 [N, K], `<name>.scales` / `<name>.zeros` float32 [N, G]).
+
+Opened by abq, each quantized linear computes in the integer domain from that state (as the packed
+runtime does) and activation and kv quantization are re-applied from abq.json; `abq pack` reads it
+(`export_input`) to write the abq-packed format.
+"""
 
 from __future__ import annotations
 
-from abqcli.quant.quantizer import WeightQuantSpec
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from abqcli.errors import InputError
+from abqcli.formats import CONFIG_JSON, QUANT_STATE, RECIPE_YAML, ExportInput, describe_layers
+from abqcli.formats.manifest import (
+    base_manifest,
+    check_format,
+    layer_meta,
+    layer_quant_from_meta,
+    read_manifest,
+    write_dir_atomically,
+    write_manifest,
+)
+from abqcli.quant.quantizer import QuantizedWeight, WeightQuantSpec
 
 
 class HfFakequant:
@@ -14,5 +37,96 @@ class HfFakequant:
         """Any scheme: the checkpoint holds dequantized weights and the integer state as they are."""
         return None
 
+    def required_files(self, directory: Path) -> list[str]:
+        """config.json, the integer state and the checkpoint's weight files (with their index)."""
+        from abqcli.models.loading import SAFETENSORS_INDEX, weight_files
+
+        required = [CONFIG_JSON, QUANT_STATE, *(p.name for p in weight_files(directory))]
+        if (directory / SAFETENSORS_INDEX).is_file():
+            required.append(SAFETENSORS_INDEX)
+        return required
+
+    def write(self, target: Path, export: ExportInput, overwrite: bool = True) -> None:
+        """The directory: loadable by plain transformers, plus the integer state."""
+        write_dir_atomically(target, lambda tmp: self._fill(tmp, export), overwrite)
+
+    def _fill(self, tmp: Path, export: ExportInput) -> None:
+        model = export.model
+        attn = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")  # a plain transformers load must not need abq's attention
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.set_attn_implementation(attn)
+        export.tokenizer.save_pretrained(tmp)
+        state = {}
+        for name, qw in export.quantized.items():
+            state[f"{name}.codes"] = qw.codes.contiguous()
+            state[f"{name}.scales"] = qw.scale.contiguous()
+            state[f"{name}.zeros"] = qw.zero.contiguous()
+        save_file(state, str(tmp / QUANT_STATE))
+        (tmp / RECIPE_YAML).write_text(export.recipe_yaml)
+        write_manifest(tmp, base_manifest(self, export.kv_bits, layer_meta(export.layers, export.quantized),
+                                          export.provenance))
+
+    def open(self, directory: Path, dtype: str, device: str, backend: str) -> tuple[nn.Module, Any, str]:
+        """The fake-quant model ("calibrated fake-quant W4A4 (abq)"); `backend` plays no part."""
+        model, tokenizer, manifest = open_fakequant(directory, dtype, device)
+        scheme = describe_layers(manifest["layers"], manifest["kv_bits"])
+        method = manifest.get("provenance", {}).get("method", "abq")
+        return model, tokenizer, f"calibrated fake-quant {scheme} ({method})"
+
 
 HF_FAKEQUANT = HfFakequant()
+
+
+def read_quant_state(directory: Path, manifest: dict) -> dict[str, QuantizedWeight]:
+    """The integer state of an hf-fakequant directory."""
+    from abqcli.models.loading import load_tensors
+
+    tensors = load_tensors(Path(directory) / QUANT_STATE)
+    states = {}
+    for name, meta in manifest["layers"].items():
+        try:
+            codes, scale, zero = (tensors[f"{name}.{k}"] for k in ("codes", "scales", "zeros"))
+        except KeyError as exc:
+            raise InputError(f"{QUANT_STATE} in {directory} lacks tensor {exc.args[0]}") from exc
+        states[name] = QuantizedWeight(codes, scale, zero, layer_quant_from_meta(meta).weight)
+    return states
+
+
+def open_fakequant(directory: Path, dtype: str, device: str):
+    """(model, tokenizer, manifest) of an hf-fakequant directory, with activation and kv quantization
+    re-applied from the metadata (the weights are already quantized) and each quantized linear running
+    in the integer domain from the stored integer state (as the packed export does)."""
+    from abqcli.models.adapters import adapter_for
+    from abqcli.models.loading import load_model
+    from abqcli.quant.fakequant import set_kv_quant, wrap_linears
+
+    manifest = read_manifest(directory)
+    check_format(manifest, HF_FAKEQUANT, directory)
+    states = read_quant_state(directory, manifest)
+    model, tokenizer, _ = load_model(str(directory), dtype, device, as_fakequant=True)
+    layers = {name: layer_quant_from_meta(meta) for name, meta in manifest["layers"].items()}
+    adapter = adapter_for(model)
+    for name, qlinear in wrap_linears(model, adapter, layers.get).items():
+        if name not in states:
+            raise InputError(f"{QUANT_STATE} in {directory} has no integer state for {name}")
+        qlinear.use_integer_weight(states[name])
+    set_kv_quant(model, adapter, manifest["kv_bits"])
+    return model, tokenizer, manifest
+
+
+def export_input(directory: Path, manifest: dict) -> ExportInput:
+    """What `abq pack` writes from a checked hf-fakequant directory: the integer state for the quantized
+    linears, the checkpoint (float32, CPU) for everything else, the recipe and the provenance (which
+    gains `packed_from`)."""
+    from abqcli.models.loading import load_model
+
+    states = read_quant_state(directory, manifest)
+    layers = {name: layer_quant_from_meta(meta) for name, meta in manifest["layers"].items()}
+    model, tokenizer, _ = load_model(str(directory), "float32", "cpu", as_fakequant=True)
+    recipe_path = directory / RECIPE_YAML
+    recipe_yaml = recipe_path.read_text() if recipe_path.is_file() else ""
+    provenance = {**manifest.get("provenance", {}), "packed_from": str(directory)}
+    return ExportInput(model, tokenizer, recipe_yaml, manifest["kv_bits"], layers, states, provenance)

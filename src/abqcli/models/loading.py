@@ -225,7 +225,7 @@ def _load_weights(source: ModelSource, dtype: torch.dtype):
 
 def read_config_json(directory: Path) -> dict:
     """config.json of a model directory as a JSON object (checked before transformers parses it)."""
-    from abqcli.export import CONFIG_JSON, read_json
+    from abqcli.formats import CONFIG_JSON, read_json
 
     config = read_json(directory / CONFIG_JSON)
     if not isinstance(config, dict):
@@ -239,7 +239,7 @@ def read_config_json(directory: Path) -> dict:
 def check_model_files(name: str, directory: Path, config: dict, as_fakequant: bool = False) -> None:
     """Refuse, before any weight is loaded: no weight files, a corrupt or truncated safetensors file (its
     header is read, not its data), an abq export (unless `as_fakequant`), no tokenizer files."""
-    from abqcli.export import ABQ_JSON
+    from abqcli.formats import ABQ_JSON
 
     names = {path: safetensors_names(path) for path in weight_files(directory)}
     reason = None if as_fakequant else abq_artefact_reason(directory, config, names)
@@ -261,7 +261,7 @@ def check_tokenizer_files(name: str, directory: Path) -> None:
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors weight files of a model directory (the shards of an index, or model.safetensors);
     [] for a PyTorch-only checkpoint; InputError when there are no weights."""
-    from abqcli.export import read_json
+    from abqcli.formats import read_json
 
     index = directory / SAFETENSORS_INDEX
     if index.is_file():
@@ -312,7 +312,7 @@ def abq_artefact_reason(directory: Path, config: dict, names: dict[Path, list[st
     """Why `directory` is an abq export rather than a plain model (None when it is not one): an abq
     manifest, an abq quantization_config in config.json, an hf-fakequant integer state, BTC tensors."""
     from abqcli.btc.format import tensor_names
-    from abqcli.export import ABQ_JSON, QUANT_METHOD, QUANT_STATE
+    from abqcli.formats import ABQ_JSON, QUANT_METHOD, QUANT_STATE
 
     if (directory / ABQ_JSON).is_file():
         return f"it has {ABQ_JSON}"
@@ -331,7 +331,7 @@ def abq_artefact_reason(directory: Path, config: dict, names: dict[Path, list[st
 
 def _refuse_abq_output_folder(name: str, path: Path) -> None:
     """An `abq quantize` output folder (abq-packed/, hf-fakequant/ inside) is already quantized."""
-    from abqcli.export import is_abq_output
+    from abqcli.formats import is_abq_output
 
     found = [sub.name for sub in sorted(path.iterdir()) if sub.is_dir() and is_abq_output(sub)]
     if found:
