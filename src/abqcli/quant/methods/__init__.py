@@ -12,7 +12,9 @@ loaded instead) it makes one `BlockContext` and calls, in this order:
 
 `fold` quantizes every linear through `round_weight`: a method that only rounds differently (GPTQ)
 overrides `prepare` (to gather what it needs from `ctx`) and `round_weight`; a method that trains
-overrides `train`, and `folded_params` when it transforms the block before rounding.
+overrides `train`, and `folded_params` when it transforms the block before rounding. A new method is one
+module in this package plus one line in `registry.METHODS`; a variant of abq (learned rounding)
+subclasses `abq.AbqMethod` and extends `param_groups`, `quantized_params` and `round_weight`.
 """
 
 from __future__ import annotations

@@ -80,20 +80,20 @@ class AbqMethod(CalibrationMethod):
     def steps(self, ctx: BlockContext) -> int:
         return self.recipe.epochs * len(ctx.batches())
 
-    def _optimizer(self) -> torch.optim.Optimizer | None:
+    def param_groups(self) -> list[dict]:
+        """The AdamW parameter groups of this block (a method that learns more adds its group here)."""
         cal = self.recipe.calibration
-        groups = [
+        return [
             {"params": self.transform.let_parameters(), "lr": cal.let.lr},
             {"params": [p for pair in self.lwc.values() for p in pair], "lr": cal.lwc.lr},
             {"params": self.transform.compensation_parameters(), "lr": cal.compensation.lr},
         ]
-        groups = [g for g in groups if g["params"]]
-        return torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
 
     def train(self, ctx: BlockContext, on_step: StepCallback) -> Training:
-        optimizer = self._optimizer()
-        if optimizer is None:
+        groups = [g for g in self.param_groups() if g["params"]]
+        if not groups:
             return Training()
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         fp_on_q = ctx.run(ctx.fp_block, ctx.q_in)
         teacher_probs = self._teacher_probs(ctx)
         epoch_losses: list[list[float]] = []
@@ -121,8 +121,9 @@ class AbqMethod(CalibrationMethod):
         return [record_probs(ctx.fp_block, self.adapter, ctx.fp_in[b].to(ctx.device), ctx.kwargs)
                 for b in ctx.batches()]
 
-    def _quantized_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
-        """Transformed block parameters with every quantized linear's weight fake-quantized (differentiable)."""
+    def quantized_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
+        """Transformed block parameters with every quantized linear's weight fake-quantized (differentiable):
+        what the loss sees."""
         params = dict(self.transform.transformed_params())
         for rel, lin in ctx.qlinears.items():
             key = f"{rel}.weight"
@@ -138,7 +139,7 @@ class AbqMethod(CalibrationMethod):
             p_1 = record_probs(ctx.fp_block, self.adapter, ctx.fp_in[b].to(dev), ctx.kwargs)
         attn_q.abq_record_probs = want_kl
         try:
-            y_q = functional_call(ctx.qblock, self._quantized_params(ctx), (ctx.q_in[b].to(dev),), ctx.kwargs)
+            y_q = functional_call(ctx.qblock, self.quantized_params(ctx), (ctx.q_in[b].to(dev),), ctx.kwargs)
         finally:
             attn_q.abq_record_probs = False
         p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
