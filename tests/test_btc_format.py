@@ -7,10 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from abqcli.btc.contract import K_ALIGN, WORD_BITS
 from abqcli.btc.format import (
     FORMAT_VERSION,
-    K_ALIGN,
-    WORD_BITS,
     PackedWeight,
     group_code_sums,
     num_planes,

@@ -10,16 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import abqcli.btc
+from abqcli.btc.contract import check_int32_bound
 from abqcli.btc.format import PackedWeight, group_code_sums, pack_planes
-from abqcli.btc.gemm import (
-    btc_linear,
-    check_int32_bound,
-    epilogue,
-    group_lengths,
-    int_gemm,
-    popcount_gemm,
-    quantize_activation_f32,
-)
+from abqcli.btc.gemm import btc_linear, epilogue, group_lengths, int_gemm, popcount_gemm
+from abqcli.quant.integer import quantize_activation_f32
 from abqcli.quant.quantizer import (
     WeightQuantSpec,
     fake_quantize_activation,

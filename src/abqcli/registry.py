@@ -47,7 +47,7 @@ FORMATS = Registry("output format", {
 })
 
 # --backend -> a GemmBackend (abqcli/btc/backends/)
-BACKENDS = Registry("GEMM backend", {
+BACKENDS = Registry("backend", {
     "cpu": "abqcli.btc.backends.cpu:CPU_BACKEND",
     "cupy": "abqcli.btc.backends.cupy:CUPY_BACKEND",
 })

@@ -29,7 +29,10 @@ from typing import Any
 import torch
 
 import abqcli
+from abqcli.btc.contract import K_ALIGN, MAX_PLANES, WORD_BITS, check_btc_group, check_int32_bound
+from abqcli.btc.format import PackedWeight, num_planes, padded_k
 from abqcli.errors import InputError
+from abqcli.quant.quantizer import FP_BITS, qmax_for
 
 NEEDS_GPU = "--backend cupy needs a CUDA GPU and CuPy (pip install 'abqcli[cuda]'); use --backend cpu"
 MIN_ARCH = 80  # mma .b1 with .and.popc exists from sm_80 on
@@ -39,9 +42,7 @@ WARP = 32
 MMA_M = 16  # rows of one mma tile: stacked (activation plane, token) pairs
 MMA_N = 8  # columns of one mma tile: stacked (weight plane, channel) pairs
 K256_WORDS = 8  # 32-bit words per m16n8k256 step
-K128_WORDS = 4  # 32-bit words per m16n8k128 step
-WORD_BITS = 32
-MAX_PLANES = 8
+K128_WORDS = 4  # 32-bit words per m16n8k128 step (= K_ALIGN / WORD_BITS: the contract's alignment)
 
 # (MT, NT): m16 tiles x n8 tiles per warp, the variants compiled in btc_gemm.cu.
 TILE_CONFIGS: tuple[tuple[int, int], ...] = ((1, 2), (1, 4), (2, 4))
@@ -145,8 +146,8 @@ def group_layout(kw: int, k: int, group_size: int | None) -> tuple[int, int]:
     """(gw, groups): words per group and group count; per-channel is one group of all kw words."""
     if group_size is None:
         return kw, 1
-    if group_size % (K128_WORDS * WORD_BITS):
-        raise ValueError(f"group_size {group_size} is not a multiple of 128")
+    if group_size % K_ALIGN:
+        raise ValueError(f"group_size {group_size} is not a multiple of {K_ALIGN}")
     return group_size // WORD_BITS, -(-k // group_size)
 
 
@@ -340,9 +341,6 @@ def int_gemm_planes(
 
 def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int):
     """x contiguous fp32/fp16 [M, K] on the GPU -> (planes, scale, zero, sums) on the same device."""
-    from abqcli.btc.format import num_planes, padded_k
-    from abqcli.quant.quantizer import qmax_for
-
     cp = _import_cupy()
     m = x.shape[0]
     qmax = qmax_for(bits)
@@ -388,8 +386,6 @@ def quantize_pack_activations(x: torch.Tensor, bits: int, group_size: int | None
     _require()
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {list(x.shape)}")
-    from abqcli.btc.format import padded_k
-
     k = x.shape[1]
     kw = padded_k(k) // WORD_BITS
     gw, groups = group_layout(kw, k, group_size)
@@ -415,7 +411,7 @@ class _DeviceWeight:
 _WEIGHTS: dict[tuple[int, str], _DeviceWeight] = {}
 
 
-def _device_weight(w, device: torch.device) -> _DeviceWeight:
+def _device_weight(w: PackedWeight, device: torch.device) -> _DeviceWeight:
     """The weight's tensors on `device`, copied once and cached while the PackedWeight lives."""
     key = (id(w), str(device))
     cached = _WEIGHTS.get(key)
@@ -435,86 +431,86 @@ def _device_weight(w, device: torch.device) -> _DeviceWeight:
 
 
 def btc_linear(
-    x: torch.Tensor, w, act_bits: int, bias: torch.Tensor | None = None, kernel: str = "mma"
+    x: torch.Tensor, w: PackedWeight, act_bits: int, bias: torch.Tensor | None = None, kernel: str = "mma"
 ) -> torch.Tensor:
     """The packed linear layer on the GPU: x [..., K] -> [..., N] in x's dtype, on x's device.
 
-    Same contract as `abqcli.btc.gemm.btc_linear` with backend "cpu": per-token activation quantization
-    (bit for bit), exact integer GEMM, affine epilogue (+ bias); act_bits >= 16 is the weight-only path
-    (dequantized weight, float matmul). kernel "mma" fuses the epilogue into the tensor-core GEMM;
-    "popc" runs the popcount GEMM and the stand-alone epilogue kernel.
+    Same contract as the `cpu` GEMM backend (`abqcli.btc.backends.GemmBackend.linear`): per-token
+    activation quantization (bit for bit), exact integer GEMM, affine epilogue (+ bias); act_bits >= 16 is
+    the weight-only path (dequantized weight, float matmul). kernel "mma" fuses the epilogue into the
+    tensor-core GEMM; "popc" runs the popcount GEMM and the stand-alone epilogue kernel.
     """
-    from abqcli.btc.gemm import _check_btc_group, check_int32_bound
-    from abqcli.quant.quantizer import FP_BITS, qmax_for
-
-    cp = _require()
+    _require()
     if x.shape[-1] != w.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {w.in_features}")
     device = _cuda_device(x)
-    lead = x.shape[:-1]
-    k, n = w.in_features, w.out_features
     if act_bits >= FP_BITS:
         weight = w.dequantized_f32().to(device=device, dtype=x.dtype)
         b = None if bias is None else bias.to(device=device, dtype=x.dtype)
         return torch.nn.functional.linear(x.to(device), weight, b).to(x.device)
-    _check_btc_group(w)
-    check_int32_bound(k, qmax_for(act_bits), w.qmax)
-
+    check_btc_group(w.group_size)
+    check_int32_bound(w.in_features, qmax_for(act_bits), w.qmax)
     half = x.dtype == torch.float16
     with torch.cuda.device(device), _OnTorchStream(device):
-        x2 = _on(x.detach().reshape(-1, k), device, torch.float16 if half else torch.float32)
-        m = x2.shape[0]
-        y = torch.empty((m, n), dtype=torch.float16 if half else torch.float32, device=device)
-        if m:
-            dw = _device_weight(w, device)
-            pw, _, kw = dw.planes.shape
-            gw, groups = group_layout(kw, k, w.group_size)
-            a_planes, a_scale, a_zero, a_sums = _quant_pack(x2, act_bits, k, gw, groups)
-            pa = a_planes.shape[0]
-            has_bias = bias is not None
-            b = _on(bias, device, torch.float32) if has_bias else a_scale  # any float array as a stand-in
-            gsize = w.group_size or k
-            epi = (
-                _cp(a_scale),
-                _cp(a_zero),
-                _cp(a_sums),
-                _cp(dw.scale),
-                _cp(dw.zero),
-                _cp(dw.code_sums),
-                _cp(b),
-                cp.int32(int(has_bias)),
-                cp.int32(k),
-                cp.int32(gsize),
-                _cp(y),
-            )
-            out_kind = "f16" if half else "f32"
-            if kernel == "mma":
-                geo = launch_geometry(pa, m, pw, n, kw, gw, groups, float_out=True)
-                fn = _function("btc_gemm.cu", f"btc_mma_{out_kind}_{geo.kernel_suffix}")
-                head = (
-                    _cp(a_planes),
-                    cp.int32(pa),
-                    cp.int32(m),
-                    _cp(dw.planes),
-                    cp.int32(pw),
-                    cp.int32(n),
-                    cp.int32(kw),
-                    cp.int32(gw),
-                    cp.int32(groups),
-                )
-                fn(geo.grid, geo.block, head + epi, shared_mem=geo.smem)
-            elif kernel == "popc":
-                acc = _launch_acc(a_planes, dw.planes, gw, groups, "popc")
-                fn = _function("btc_gemm.cu", f"btc_epilogue_{out_kind}")
-                total = m * n
-                fn(
-                    (-(-total // EPILOGUE_THREADS), 1, 1),
-                    (EPILOGUE_THREADS, 1, 1),
-                    (_cp(acc), cp.int32(m), cp.int32(n), cp.int32(groups)) + epi,
-                )
-            else:
-                raise ValueError(f"unknown kernel {kernel!r} (expected 'mma' or 'popc')")
-    y = y.reshape(*lead, n)
+        x2 = _on(x.detach().reshape(-1, w.in_features), device, torch.float16 if half else torch.float32)
+        y = torch.empty((x2.shape[0], w.out_features), dtype=x2.dtype, device=device)
+        if x2.shape[0]:
+            _launch_linear(x2, w, act_bits, bias, y, kernel)
+    y = y.reshape(*x.shape[:-1], w.out_features)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.to(x.device)
+
+
+def _launch_linear(
+    x2: torch.Tensor, w: PackedWeight, act_bits: int, bias: torch.Tensor | None, y: torch.Tensor, kernel: str
+) -> None:
+    """Quantize + pack x2 [M, K] (fp32/fp16 on the GPU), then the GEMM and epilogue into y [M, N]."""
+    cp = _import_cupy()
+    device, (m, k), n = x2.device, x2.shape, w.out_features
+    dw = _device_weight(w, device)
+    pw, _, kw = dw.planes.shape
+    gw, groups = group_layout(kw, k, w.group_size)
+    a_planes, a_scale, a_zero, a_sums = _quant_pack(x2, act_bits, k, gw, groups)
+    pa = a_planes.shape[0]
+    has_bias = bias is not None
+    b = _on(bias, device, torch.float32) if has_bias else a_scale  # any float array as a stand-in
+    epi = (
+        _cp(a_scale),
+        _cp(a_zero),
+        _cp(a_sums),
+        _cp(dw.scale),
+        _cp(dw.zero),
+        _cp(dw.code_sums),
+        _cp(b),
+        cp.int32(int(has_bias)),
+        cp.int32(k),
+        cp.int32(w.group_size or k),
+        _cp(y),
+    )
+    out_kind = "f16" if y.dtype == torch.float16 else "f32"
+    if kernel == "mma":
+        geo = launch_geometry(pa, m, pw, n, kw, gw, groups, float_out=True)
+        fn = _function("btc_gemm.cu", f"btc_mma_{out_kind}_{geo.kernel_suffix}")
+        head = (
+            _cp(a_planes),
+            cp.int32(pa),
+            cp.int32(m),
+            _cp(dw.planes),
+            cp.int32(pw),
+            cp.int32(n),
+            cp.int32(kw),
+            cp.int32(gw),
+            cp.int32(groups),
+        )
+        fn(geo.grid, geo.block, head + epi, shared_mem=geo.smem)
+    elif kernel == "popc":
+        acc = _launch_acc(a_planes, dw.planes, gw, groups, "popc")
+        fn = _function("btc_gemm.cu", f"btc_epilogue_{out_kind}")
+        fn(
+            (-(-(m * n) // EPILOGUE_THREADS), 1, 1),
+            (EPILOGUE_THREADS, 1, 1),
+            (_cp(acc), cp.int32(m), cp.int32(n), cp.int32(groups)) + epi,
+        )
+    else:
+        raise ValueError(f"unknown kernel {kernel!r} (expected 'mma' or 'popc')")

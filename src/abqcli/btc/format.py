@@ -1,9 +1,9 @@
 """BTC bit-plane format, version 1 (DESIGN §5; the public description is docs/FORMAT.md).
 
 Codes are unsigned integers in [0, qmax]; a weight [N, K] is stored as `num_planes(qmax)` bit planes.
-K is padded with code 0 to Kp, a multiple of `K_ALIGN` (128); plane p holds bit p of every code; each
-row of a plane is Kp/32 words of 32 bits, and element e of a 32-element chunk sits in bit e of its word
-(LSB first). Layout `[planes, N, Kp/32]`, contiguous, plane-major.
+K is padded with code 0 to Kp, a multiple of `K_ALIGN` (128; the constants are `abqcli.btc.contract`);
+plane p holds bit p of every code; each row of a plane is Kp/32 words of 32 bits, and element e of a
+32-element chunk sits in bit e of its word (LSB first). Layout `[planes, N, Kp/32]`, contiguous, plane-major.
 
 In memory a plane word is a `torch.int32` holding the uint32 bit pattern (torch does little arithmetic
 on uint32); on disk it is written as uint32 through `.view(torch.uint32)` — the same bytes.
@@ -19,13 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from abqcli.btc.contract import K_ALIGN, MAX_PLANES, WORD_BITS
 from abqcli.errors import InputError
 from abqcli.quant.quantizer import CentredWeight, QuantizedWeight, WeightQuantSpec, qmax_for
 
 FORMAT_VERSION = 1
-K_ALIGN = 128
-WORD_BITS = 32
-MAX_PLANES = 8  # codes are uint8
 
 _SUFFIXES = {
     "planes": ".btc_planes",
@@ -205,8 +203,8 @@ class PackedWeight:
 
     def centred_weight(self) -> CentredWeight:
         """`codes − zero` per row and group (exact integers in float32) with the scales, cached: the
-        operand of the CPU BTC path (`integer_linear`), whose matmul with centred activation codes is the
-        epilogue's bracket."""
+        operand of the CPU GEMM backend (`abqcli.quant.integer.integer_linear`), whose matmul with
+        centred activation codes is the epilogue's bracket."""
         if self._centred is None:
             self._centred = self.to_quantized().centred()
         return self._centred

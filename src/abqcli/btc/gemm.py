@@ -6,9 +6,9 @@ Two integer paths compute `acc[m, n, g] = Σ_{k∈g} qa[m, k]·qw[n, k]`:
   tensor-core kernel does, written plainly (slow, for tests and cross-checks);
 * `int_gemm` works on codes with float32 matmuls over K-chunks small enough to be exact.
 
-`epilogue` turns the integer accumulators into the float output. `integer_linear` is the whole layer in
-the integer domain (quantize activations, exact float GEMM of centred codes against centred weight codes,
-scales); `btc_linear` runs it on a packed weight (or dispatches to the CUDA backend).
+`epilogue` turns the integer accumulators into the float output. `btc_linear` is the whole packed layer
+on a named GEMM backend (`abqcli.btc.backends`: the `cpu` one runs `abqcli.quant.integer.integer_linear`,
+the same arithmetic on codes).
 """
 
 from __future__ import annotations
@@ -18,25 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from abqcli.btc.format import PackedWeight
-from abqcli.quant.quantizer import FP_BITS, CentredWeight, activation_qparams, qmax_for
+from abqcli.quant.integer import F32_EXACT
+from abqcli.registry import BACKENDS
 
-INT32_MAX = 2**31 - 1
-F32_EXACT = 2**24  # every integer of magnitude <= 2**24 is exact in float32
-BTC_GROUP_ALIGN = 128  # group sizes the BTC GEMM accepts (besides per-channel)
 _POPCOUNT_CHUNK = 1 << 21  # elements of the [m, N, Kw] AND-tensor built at once
-
-
-def check_int32_bound(k: int, qmax_a: int, qmax_w: int) -> None:
-    """Refuse a GEMM whose int32 accumulator could overflow.
-
-    A dot product of K codes is at most `k · qmax_a · qmax_w`; the kernel accumulates it in int32, so
-    abq requires `k · qmax_a · qmax_w <= 2**31 - 1` (e.g. A8W8: K <= 33025; A4W4: K <= 9544371).
-    """
-    bound = int(k) * int(qmax_a) * int(qmax_w)
-    if bound > INT32_MAX:
-        raise ValueError(
-            f"K={k} with qmax_a={qmax_a}, qmax_w={qmax_w} can reach {bound} > int32 max {INT32_MAX}"
-        )
 
 
 # --------------------------------------------------------------------------------------------- popcount
@@ -185,73 +170,6 @@ def epilogue(
 # ---------------------------------------------------------------------------------------------- linear
 
 
-def _check_btc_group(w: PackedWeight) -> None:
-    if w.group_size is not None and w.group_size % BTC_GROUP_ALIGN:
-        raise ValueError(
-            f"group_size {w.group_size} cannot run the BTC GEMM: activation-quantized layers need "
-            f"per-channel weights or a group size that is a multiple of {BTC_GROUP_ALIGN} "
-            f"(groups must cover whole 128-column tiles); weight-only (A16) layers accept any group size"
-        )
-
-
-def quantize_activation_f32(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token codes as float32 [M, K] with scale, zero [M, 1] — the same values as
-    `quantize_activation` (same qparams, same round-half-even), without the uint8 round trip."""
-    scale, zero = activation_qparams(x, bits)
-    codes = torch.div(x, scale).round_().add_(zero).clamp_(0, qmax_for(bits))
-    return codes, scale, zero
-
-
-_ROW_BLOCK_BYTES = 1 << 21  # rows per block: keep a block's [rows, N] accumulator in cache
-
-
-@torch.no_grad()
-def integer_linear(x: torch.Tensor, w: CentredWeight, act_bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A weight-and-activation quantized linear computed in the integer domain: x [..., K] -> [..., N]
-    in x's dtype, on x's device. The packed CPU runtime and the fake-quant models both run this, so
-    their outputs are bit-identical for the same codes.
-
-    The epilogue's bracket for group g, `acc − za·wsum − zw·asum + |g|·za·zw`, is the integer
-    `Σ_{k∈g} (qa − za)·(qw − zw)` (zero points are integers). It is formed directly as one matmul of
-    centred activation codes against the centred weight codes per group: in float32 when
-    `|g| · max|qa − za| · max|qw − zw| <= 2**24` (every partial sum is an integer below 2**24, so exact
-    in any summation order), else in float64 (exact below 2**53). Then `y = sa · Σ_g sw_g · bracket_g`
-    (+ bias), float32.
-    """
-    lead, k = x.shape[:-1], x.shape[-1]
-    if k != w.values.shape[1]:
-        raise ValueError(f"input has {k} features, the layer expects {w.values.shape[1]}")
-    x2 = x.detach().reshape(-1, k).float()
-    m, n = x2.shape[0], w.values.shape[0]
-    codes, sa, za = quantize_activation_f32(x2, act_bits)
-    a_c = codes.sub_(za)  # centred activation codes, exact small integers
-    w_c = w.values
-    g = w.group_size or k
-    a_bound = float(a_c.abs().max()) if a_c.numel() else 0.0
-    dt = torch.float32 if g * a_bound * w.max_abs <= F32_EXACT else torch.float64
-    if dt == torch.float64:
-        a_c, w_c = a_c.double(), w_c.double()
-    sa = sa.reshape(m, 1).to(dt)
-    n_groups = w.scale.shape[1]
-    if n_groups == 1:
-        y = (a_c @ w_c.T).mul_(w.scale[:, 0].to(dt)).mul_(sa).float()
-    else:
-        sw = w.scale.T.to(dt).contiguous()  # [G, N]
-        bounds = [(gi * g, min(k, (gi + 1) * g)) for gi in range(n_groups)]
-        y = torch.empty(m, n, dtype=torch.float32, device=x2.device)
-        rows = max(16, _ROW_BLOCK_BYTES // (4 * max(1, n)))
-        for r0 in range(0, m, rows):
-            r1 = min(m, r0 + rows)
-            block = None
-            for gi, (s, e) in enumerate(bounds):
-                bracket = a_c[r0:r1, s:e] @ w_c[:, s:e].T
-                block = bracket.mul_(sw[gi]) if block is None else block.addcmul_(bracket, sw[gi])
-            y[r0:r1] = block.mul_(sa[r0:r1])
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*lead, n).to(x.dtype)
-
-
 def btc_linear(
     x: torch.Tensor,
     w: PackedWeight,
@@ -259,24 +177,10 @@ def btc_linear(
     bias: torch.Tensor | None = None,
     backend: str = "cpu",
 ) -> torch.Tensor:
-    """A packed linear layer: x [..., K] -> [..., N] in x's dtype.
-
-    act_bits < 16: per-token activation quantization, exact integer GEMM, epilogue (+ bias); the weight
-    must be per-channel or grouped by a multiple of 128. act_bits >= 16 (weight-only): the dequantized
-    weight in a plain float matmul, any group size. backend "cpu" runs here, "cupy" in abqcli.btc.cuda.
-    """
-    if backend == "cupy":
-        from abqcli.btc import cuda as btc_cuda
-
-        return btc_cuda.btc_linear(x, w, act_bits, bias=bias)
-    if backend != "cpu":
-        raise ValueError(f"unknown BTC backend {backend!r} (expected 'cpu' or 'cupy')")
-    if x.shape[-1] != w.in_features:
-        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {w.in_features}")
-    if act_bits >= FP_BITS:
-        weight = w.dequantized_f32().to(device=x.device, dtype=x.dtype)
-        b = None if bias is None else bias.to(x.dtype)
-        return F.linear(x, weight, b)
-    _check_btc_group(w)
-    check_int32_bound(w.in_features, qmax_for(act_bits), w.qmax)
-    return integer_linear(x, w.centred_weight(), act_bits, bias)
+    """A packed linear layer on the GEMM backend registered as `backend`: x [..., K] -> [..., N] in x's
+    dtype (`GemmBackend.linear`). act_bits < 16: per-token activation quantization, exact integer GEMM,
+    epilogue (+ bias); the weight must be per-channel or grouped by a multiple of 128. act_bits >= 16
+    (weight-only): the dequantized weight in a plain float matmul, any group size."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown BTC backend {backend!r} (expected one of {', '.join(BACKENDS.names())})")
+    return BACKENDS.load(backend).linear(x, w, act_bits, bias)

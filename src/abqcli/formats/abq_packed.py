@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from abqcli import __version__, outputs
+from abqcli.btc.contract import K_ALIGN, check_btc_group, check_int32_bound
 from abqcli.btc.format import (
     FORMAT_VERSION,
-    K_ALIGN,
     PackedWeight,
     packed_weight_from_tensors,
     packed_weight_meta,
@@ -180,12 +180,10 @@ def packed_layer_stats(pw: PackedWeight) -> dict:
 
 def _check_packable(name: str, pw: PackedWeight, act_bits: int) -> None:
     """Activation-quantized layers must be runnable by the BTC GEMM; refuse with the reason."""
-    from abqcli.btc.gemm import _check_btc_group, check_int32_bound
-
     if act_bits >= FP_BITS:
         return
     try:
-        _check_btc_group(pw)
+        check_btc_group(pw.group_size)
         check_int32_bound(pw.in_features, qmax_for(act_bits), pw.qmax)
     except ValueError as exc:
         raise InputError(f"{name}: cannot pack for the BTC GEMM: {exc}") from exc

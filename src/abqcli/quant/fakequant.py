@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from abqcli.btc.gemm import integer_linear
 from abqcli.models.adapters import Adapter
+from abqcli.quant.integer import integer_linear
 from abqcli.quant.quantizer import (
     FP_BITS,
     CentredWeight,

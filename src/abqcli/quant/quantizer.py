@@ -167,7 +167,7 @@ class QuantizedWeight:
 
 @dataclass
 class CentredWeight:
-    """A quantized weight as integer-domain inference uses it (`abqcli.btc.gemm.integer_linear`).
+    """A quantized weight as integer-domain inference uses it (`abqcli.quant.integer.integer_linear`).
 
     values: float32 [N, K], `codes − zero` per row and group: exact small integers (zero points are
     integers); scale: float32 [N, G]; max_abs: max |values| (decides when float32 sums stay exact).
