@@ -16,8 +16,12 @@ spin is queued before each timed call so that host-side launch overhead does not
 the median of `iters` calls is reported. Effective TOPS = 2·M·N·K / time (the equivalent dense GEMM's
 operations, whatever the precision). Results go to `<out>/gpu-gemm-<timestamp>.json` and `.md`.
 
-Run: `python -m abqcli.bench_gemm [--out DIR] [--iters N] [--warmup N] [--quick]`; the out directory
-defaults to $OUT when set, else benchmarks/results.
+The kernels are the `cupy` GEMM backend's (`abqcli.btc.backends`), timed through its `int_gemm_planes`
+and `linear`; the tile column is its launch geometry (`abqcli.btc.cuda.launch_geometry`).
+
+Run: `abq bench gemm` (`run_gemm_bench`), or `python -m abqcli.bench_gemm [--out DIR] [--iters N]
+[--warmup N] [--quick]` where abq is not installed; the out directory defaults to $OUT when set, else
+benchmarks/results.
 """
 
 from __future__ import annotations
@@ -34,10 +38,16 @@ from pathlib import Path
 import torch
 
 from abqcli.btc import cuda as bc
+from abqcli.btc.backends import GemmBackend
+from abqcli.btc.format import PackedWeight, num_planes, padded_k
 from abqcli.errors import AbqError
+from abqcli.quant.quantizer import qmax_for
 
 SHAPES: tuple[tuple[int, int], ...] = ((4096, 4096), (11008, 4096), (4096, 11008))  # (N, K)
 M_SIZES: tuple[int, ...] = (1, 8, 16, 64, 256)
+QUICK_M_SIZES: tuple[int, ...] = (1, 16, 256)  # --quick: the first shape only, at most QUICK_ITERS calls
+QUICK_ITERS = 20
+BACKEND = "cupy"  # the GEMM backend whose kernels are timed
 BTC_PAIRS: tuple[tuple[str, int, bool, int], ...] = (  # (label, w_bits, balance, a_bits)
     ("W4A4", 4, False, 4),
     ("W2A8", 2, False, 8),
@@ -69,11 +79,8 @@ def _time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def _random_weight(n: int, k: int, w_bits: int, balance: bool, device: torch.device):
+def _random_weight(n: int, k: int, w_bits: int, balance: bool, device: torch.device) -> PackedWeight:
     """A PackedWeight with random planes and plausible scales (timing does not depend on the values)."""
-    from abqcli.btc.format import PackedWeight, num_planes, padded_k
-    from abqcli.quant.quantizer import qmax_for
-
     qmax = qmax_for(w_bits, balance)
     planes = torch.randint(
         -(2**31), 2**31 - 1, (num_planes(qmax), n, padded_k(k) // 32), dtype=torch.int32, device=device
@@ -97,63 +104,62 @@ def _row(n: int, k: int, m: int, kind: str, ms: float | None, note: str = "", **
 
 
 def run_gemm_bench(
-    out_dir: Path,
-    shapes: tuple[tuple[int, int], ...] = SHAPES,
-    m_sizes: tuple[int, ...] = M_SIZES,
-    pairs: tuple[tuple[str, int, bool, int], ...] = BTC_PAIRS,
-    warmup: int = 10,
-    iters: int = 50,
-    log: Callable[[str], None] = print,
+    out_dir: Path, quick: bool = False, warmup: int = 10, iters: int = 50, log: Callable[[str], None] = print
 ) -> dict:
-    """Time every (shape, M, kind); write gpu-gemm-<timestamp>.json and .md under out_dir; return the
-    JSON document. Raises InputError without CuPy or an sm_80+ GPU."""
-    from abqcli.btc.format import num_planes, padded_k
-    from abqcli.quant.quantizer import qmax_for
+    """Time every (shape, M, kind) — with `quick`, the first shape at M in QUICK_M_SIZES and at most
+    QUICK_ITERS calls; write gpu-gemm-<timestamp>.json and .md under out_dir; return the JSON document
+    (with "files"). Raises InputError without CuPy or an sm_80+ GPU."""
+    from abqcli.runtime import require_backend
 
-    bc._require()
-    import cupy
-
+    gemm = require_backend(BACKEND)
+    shapes, m_sizes = (SHAPES[:1], QUICK_M_SIZES) if quick else (SHAPES, M_SIZES)
+    iters = min(iters, QUICK_ITERS) if quick else iters
     device = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
     rows: list[dict] = []
     for n, k in shapes:
-        w16 = torch.randn(n, k, device=device, dtype=torch.float16)
-        w8 = torch.randint(-128, 128, (n, k), device=device, dtype=torch.int8)
-        weights = {label: _random_weight(n, k, wb, bal, device) for label, wb, bal, _ in pairs}
-        kw = padded_k(k) // 32
-        for m in m_sizes:
-            x16 = torch.randn(m, k, device=device, dtype=torch.float16)
-            ms = _time_ms(lambda x=x16, w=w16: x @ w.T, warmup, iters)
-            rows.append(_row(n, k, m, "fp16", ms))
-            try:
-                m8 = m if m >= INT_MM_MIN_M else INT_MM_PAD_M
-                x8 = torch.randint(-128, 128, (m8, k), device=device, dtype=torch.int8)
-                ms = _time_ms(lambda x=x8, w=w8: torch._int_mm(x, w.T), warmup, iters)
-                rows.append(_row(n, k, m, "int8", ms, note="padded" if m8 != m else "", padded_m=m8))
-            except Exception as exc:  # noqa: BLE001  (report, do not abort the run)
-                rows.append(
-                    _row(n, k, m, "int8", None, note=f"n/a: {type(exc).__name__}: {exc}".splitlines()[0])
-                )
-            for label, w_bits, balance, a_bits in pairs:
-                w = weights[label]
-                pa = num_planes(qmax_for(a_bits))
-                a_planes = torch.randint(-(2**31), 2**31 - 1, (pa, m, kw), dtype=torch.int32, device=device)
-                geo = bc.launch_geometry(pa, m, w.planes.shape[0], n, kw, kw, 1, float_out=False)
-                ms = _time_ms(lambda a=a_planes, p=w.planes: bc.int_gemm_planes(a, p, None), warmup, iters)
-                rows.append(_row(n, k, m, f"btc {label} gemm", ms, tile=f"m{geo.mt}n{geo.nt}"))
-                ms = _time_ms(lambda x=x16, pw=w, ab=a_bits: bc.btc_linear(x, pw, ab), warmup, iters)
-                rows.append(_row(n, k, m, f"btc {label} linear", ms))
-            last = [r for r in rows if r["N"] == n and r["K"] == k and r["M"] == m]
-            log(
-                f"N={n} K={k} M={m}: "
-                + ", ".join(
-                    f"{r['kind']} {r['ms']:.4f} ms" if r["ms"] is not None else f"{r['kind']} n/a"
-                    for r in last
-                )
-            )
+        rows += _time_shape(gemm, n, k, m_sizes, warmup, iters, device, log)
+    return _write(_document(rows, device, warmup, iters), Path(out_dir))
+
+
+def _time_shape(gemm: GemmBackend, n: int, k: int, m_sizes: tuple[int, ...], warmup: int, iters: int,
+                device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    """Rows of one N x K: fp16, int8 and every BTC pair (GEMM alone, whole layer) at each M."""
+    w16 = torch.randn(n, k, device=device, dtype=torch.float16)
+    w8 = torch.randint(-128, 128, (n, k), device=device, dtype=torch.int8)
+    weights = {label: _random_weight(n, k, wb, bal, device) for label, wb, bal, _ in BTC_PAIRS}
+    kw = padded_k(k) // 32
+    rows: list[dict] = []
+    for m in m_sizes:
+        x16 = torch.randn(m, k, device=device, dtype=torch.float16)
+        last = [_row(n, k, m, "fp16", _time_ms(lambda x=x16, w=w16: x @ w.T, warmup, iters))]
+        try:
+            m8 = m if m >= INT_MM_MIN_M else INT_MM_PAD_M
+            x8 = torch.randint(-128, 128, (m8, k), device=device, dtype=torch.int8)
+            ms = _time_ms(lambda x=x8, w=w8: torch._int_mm(x, w.T), warmup, iters)
+            last.append(_row(n, k, m, "int8", ms, note="padded" if m8 != m else "", padded_m=m8))
+        except Exception as exc:  # noqa: BLE001  (report, do not abort the run)
+            last.append(_row(n, k, m, "int8", None, note=f"n/a: {type(exc).__name__}: {exc}".splitlines()[0]))
+        for label, _, _, a_bits in BTC_PAIRS:
+            w = weights[label]
+            pa = num_planes(qmax_for(a_bits))
+            a_planes = torch.randint(-(2**31), 2**31 - 1, (pa, m, kw), dtype=torch.int32, device=device)
+            geo = bc.launch_geometry(pa, m, w.planes.shape[0], n, kw, kw, 1, float_out=False)
+            ms = _time_ms(lambda a=a_planes, p=w.planes: gemm.int_gemm_planes(a, p, None), warmup, iters)
+            last.append(_row(n, k, m, f"btc {label} gemm", ms, tile=f"m{geo.mt}n{geo.nt}"))
+            ms = _time_ms(lambda x=x16, pw=w, ab=a_bits: gemm.linear(x, pw, ab, None), warmup, iters)
+            last.append(_row(n, k, m, f"btc {label} linear", ms))
+        log(f"N={n} K={k} M={m}: " + ", ".join(
+            f"{r['kind']} {r['ms']:.4f} ms" if r["ms"] is not None else f"{r['kind']} n/a" for r in last))
+        rows += last
+    return rows
+
+
+def _document(rows: list[dict], device: torch.device, warmup: int, iters: int) -> dict:
+    import cupy
 
     props = torch.cuda.get_device_properties(device)
-    doc = {
+    return {
         "benchmark": "gpu-gemm",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": props.name,
@@ -171,7 +177,10 @@ def run_gemm_bench(
         },
         "results": rows,
     }
-    out_dir = Path(out_dir)
+
+
+def _write(doc: dict, out_dir: Path) -> dict:
+    """gpu-gemm-<timestamp>.json and .md under out_dir; the paths go into doc["files"]."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = out_dir / f"gpu-gemm-{stamp}.json"
@@ -231,18 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="one shape, M in {1, 16, 256}, fewer iterations")
     args = parser.parse_args(argv)
-    kwargs: dict = {}
-    if args.quick:
-        kwargs = {"shapes": SHAPES[:1], "m_sizes": (1, 16, 256)}
-        args.iters = min(args.iters, 20)
     try:
-        doc = run_gemm_bench(args.out, warmup=args.warmup, iters=args.iters, **kwargs)
+        doc = run_gemm_bench(args.out, args.quick, args.warmup, args.iters)
     except AbqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(markdown_table(doc))
-    print(f"wrote {doc['files']['json']} and {doc['files']['markdown']}")
+    print(summary(doc))
     return 0
+
+
+def summary(doc: dict) -> str:
+    """The markdown table and where the files went."""
+    return f"{markdown_table(doc)}\nwrote {doc['files']['json']} and {doc['files']['markdown']}"
 
 
 if __name__ == "__main__":

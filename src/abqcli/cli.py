@@ -20,6 +20,7 @@ from rich.table import Table
 
 from abqcli import __version__
 from abqcli.errors import EXIT_RUNTIME, AbqError, InputError, RunError
+from abqcli.registry import BACKENDS
 
 HELP = """abq: arbitrary-bit (ABQ-LLM) quantization of LLMs into the BTC bit-plane format.
 
@@ -44,6 +45,7 @@ SetOpt = Annotated[list[str], typer.Option("--set", help="Override a recipe fiel
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON to this path.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda if present), cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, float16 or bfloat16.")]
+BACKEND_CHOICES = " or ".join(BACKENDS.names()) + " (cupy: CuPy and an sm_80+ GPU)"  # --backend help
 PLAIN_LINES = 20  # at most about this many plain progress lines per loop where stderr is not a terminal
 
 
@@ -154,7 +156,7 @@ def eval_cmd(
     sets: SetOpt = [],  # noqa: B006 - typer needs a literal default
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
-    backend: Annotated[str, typer.Option(help="GEMM backend for packed models: cpu or cupy.")] = "cpu",
+    backend: Annotated[str, typer.Option(help=f"GEMM backend for packed models: {BACKEND_CHOICES}.")] = "cpu",
     json_path: JsonOpt = None,
 ) -> None:
     """Perplexity of a model (FP, RTN fake-quant, or an abq output) by the GPTQ/ABQ protocol."""
@@ -265,7 +267,7 @@ def pack_cmd(
 @app.command("verify")
 def verify_cmd(
     directory: Annotated[Path, typer.Argument(help="An abq-packed export (or an output dir holding one).")],
-    backend: Annotated[str, typer.Option(help="GEMM backend to verify: cpu or cupy (needs a GPU).")] = "cpu",
+    backend: Annotated[str, typer.Option(help=f"GEMM backend to verify: {BACKEND_CHOICES}.")] = "cpu",
     dataset: DatasetOpt = "wikitext2",
     data_dir: DataDirOpt = None,
     windows: Annotated[int, typer.Option(help="Windows for the logits / perplexity comparison.")] = 2,
@@ -331,12 +333,10 @@ def bench_gemm_cmd(
     LLaMA-7B shapes (N x K = 4096x4096, 11008x4096, 4096x11008) at M = 1, 8, 16, 64, 256; CUDA events,
     warm-up, median. Needs CuPy and an sm_80+ GPU.
     """
-    from abqcli import bench_gemm
+    from abqcli.bench_gemm import run_gemm_bench, summary
 
-    argv = ["--out", str(output), "--warmup", str(warmup), "--iters", str(iters), *(["--quick"] if quick else [])]
-    code = bench_gemm.main(argv)
-    if code:
-        raise typer.Exit(code)
+    doc = run_gemm_bench(output, quick, warmup, iters)
+    out.print(summary(doc), markup=False, highlight=False, soft_wrap=True)
 
 
 @recipe_app.command("show")

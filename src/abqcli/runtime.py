@@ -7,28 +7,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from abqcli.btc.backends import GemmBackend
 from abqcli.btc.format import PackedWeight
-from abqcli.btc.gemm import btc_linear
-from abqcli.errors import InputError
-from abqcli.quant.quantizer import FP_BITS
-
-BACKENDS = ("cpu", "cupy")
+from abqcli.quant.quantizer import scheme_label
+from abqcli.registry import BACKENDS
 
 
 class BTCLinear(nn.Module):
-    """A quantized linear that runs from its BTC bit planes.
+    """A quantized linear that runs from its BTC bit planes on a GEMM backend (`abqcli.btc.backends`).
 
-    forward = `btc_linear(x, packed, act_bits, bias, backend)`: per-token activation quantization, exact
+    forward = the backend's `linear(x, packed, act_bits, bias)`: per-token activation quantization, exact
     integer GEMM and the affine epilogue; weight-only (A16) layers dequantize and run a float matmul.
-    The packed tensors stay on the CPU (the "cupy" backend keeps its own device copy); with backend
-    "cpu" an input on another device is computed on the CPU and the result moved back.
+    The packed tensors stay on the CPU (the backend keeps any device copy it needs). `backend` names a
+    registered backend (`abqcli.registry.BACKENDS`); an unknown one is an InputError.
     """
 
     def __init__(self, packed: PackedWeight, act_bits: int, bias: torch.Tensor | None = None,
                  backend: str = "cpu"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise InputError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+        self.gemm: GemmBackend = BACKENDS.load(backend)
         self.packed = packed
         self.act_bits = int(act_bits)
         self.backend = backend
@@ -40,36 +37,22 @@ class BTCLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def prepare(self) -> None:
-        """Build the CPU path's cached operands now rather than on the first forward."""
-        if self.backend != "cpu":
-            return
-        if self.act_bits >= FP_BITS:
-            self.packed.dequantized_f32()
-        else:
-            self.packed.centred_weight()
+        """Build the backend's cached operands now rather than on the first forward."""
+        self.gemm.prepare(self.packed, self.act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "cpu" and x.device.type != "cpu":
-            bias = None if self.bias is None else self.bias.cpu()
-            return btc_linear(x.cpu(), self.packed, self.act_bits, bias, "cpu").to(x.device)
-        return btc_linear(x, self.packed, self.act_bits, self.bias, self.backend)
+        return self.gemm.linear(x, self.packed, self.act_bits, self.bias)
 
     def extra_repr(self) -> str:
         pw = self.packed
-        g = f" g{pw.group_size}" if pw.group_size else ""
-        return (f"{self.in_features}->{self.out_features}, W{pw.bits}{'*' if pw.balance else ''}{g}"
-                f"A{self.act_bits}, {pw.planes.shape[0]} planes, backend={self.backend}")
+        scheme = scheme_label(pw.bits, pw.balance, pw.group_size, self.act_bits)
+        return (f"{self.in_features}->{self.out_features}, {scheme}, {pw.planes.shape[0]} planes, "
+                f"backend={self.backend}")
 
 
-def require_backend(backend: str) -> None:
-    """InputError unless `backend` can run here (cupy: CuPy and an sm_80+ GPU)."""
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-    if backend == "cupy":
-        from abqcli.btc import cuda as btc_cuda
-
-        ok, reason = btc_cuda.available()
-        if not ok:
-            if reason.startswith("the GPU is sm_"):
-                raise InputError(f"--backend cupy: {reason}; use --backend cpu")
-            raise InputError(btc_cuda.NEEDS_GPU)
+def require_backend(backend: str) -> GemmBackend:
+    """The GEMM backend registered as `backend`, checked to run here: InputError for an unknown name or
+    one that cannot run (cupy without CuPy and an sm_80+ GPU), with a one-line reason."""
+    gemm: GemmBackend = BACKENDS.load(backend)
+    gemm.require()
+    return gemm

@@ -15,13 +15,14 @@ CPU runtime's arithmetic — see `QuantLinear`):
 
 * logits, teacher-forced: the twin runs with every quantized linear fed the packed model's input to the
   same layer, so both see the same activation codes; max relative difference at most 1e-4 (fp32);
-* logits, free-running (each model on its own activations): at most 1e-4 with the CPU backend, where
-  both models share the arithmetic. The CUDA epilogue rounds in its own order, so a value on a rounding
-  tie of a downstream activation quantizer can move to the neighbouring code there, and that change is
-  amplified by the following layers: with `--backend cupy` free-running logits are reported, and
-  teacher-forced logits plus a gross-error guard on perplexity are the criteria;
-* perplexity of both models on `windows` windows: with the CPU backend they must agree to 5e-5
-  relative (the same to 4 significant digits); with cupy their mean NLLs (log perplexities) must agree to 1e-2 relative.
+* free-running logits (each model on its own activations) and the perplexity of both models on
+  `windows` windows, to the backend's own criteria (`GemmBackend.verify_criteria`): the CPU backend
+  shares the twin's arithmetic, so free-running logits within 1e-4 and perplexities within 5e-5
+  relative (the same to 4 significant digits); the CUDA epilogue rounds in its own order, so a value on
+  a rounding tie of a downstream activation quantizer can move to the neighbouring code there, and that
+  change is amplified by the following layers: with `--backend cupy` free-running logits are reported,
+  and teacher-forced logits plus a gross-error guard (mean NLLs, log perplexities, within 1e-2
+  relative) are the criteria.
 
 `inspect_export` reports the storage of every packed layer and the totals, from the file header and
 the metadata (nothing is unpacked).
@@ -37,14 +38,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from abqcli.btc.backends import GemmBackend, VerifyCriteria
 from abqcli.errors import InputError
 
 LAYER_FLOAT_TOL = 1e-5  # DESIGN §6: float output vs the fake-quant layer, fp32
-LOGITS_TOL = 1e-4  # end to end, fp32
-PPL_REL_TOL = 5e-5  # CPU backend: packed and fake-quant perplexity the same to 4 significant digits
-NLL_REL_TOL = 1e-2  # cupy backend: free-running mean NLL (log ppl) of the packed model and its twin
+LOGITS_TOL = 1e-4  # teacher-forced logits, fp32, every backend
 DEFAULT_SEQLEN = 512
 LAYER_ROWS = 64  # tokens per layer used for the integer and float checks
 FALLBACK_TEXT = (
@@ -75,9 +76,9 @@ class VerifyReport:
     ppl_packed: float = float("nan")
     ppl_fakequant: float = float("nan")
     ppl_rel_diff: float = float("nan")
-    ppl_rel_tol: float = PPL_REL_TOL  # CPU backend
+    ppl_rel_tol: float | None = None  # the backend's criteria (None: not one of them)
     nll_rel_diff: float = float("nan")  # |ln ppl_packed − ln ppl_fakequant| / ln ppl_fakequant
-    nll_rel_tol: float = NLL_REL_TOL
+    nll_rel_tol: float | None = None
     problems: list[str] = field(default_factory=list)
     ok: bool = False
     seconds: float = 0.0
@@ -121,10 +122,11 @@ def _sample_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x.float().cpu().clone()
 
 
-def _integer_check(x: torch.Tensor, pw, act_bits: int, backend: str) -> tuple[bool, torch.Tensor, tuple]:
-    """(identical?, packed-path accumulators [M, N, G], activation qparams) for one layer."""
+def _integer_check(x: torch.Tensor, pw, act_bits: int, gemm: GemmBackend) -> tuple[bool, torch.Tensor, tuple]:
+    """(identical?, the backend's accumulators [M, N, G], activation qparams) for one layer: the backend's
+    own activation quantize+pack step (where it has one) and its bit-plane GEMM against the reference."""
     from abqcli.btc.format import group_code_sums, pack_planes
-    from abqcli.btc.gemm import int_gemm, popcount_gemm
+    from abqcli.btc.gemm import int_gemm
     from abqcli.quant.quantizer import qmax_for, quantize_activation
 
     codes, scale, zero = quantize_activation(x, act_bits)
@@ -133,28 +135,23 @@ def _integer_check(x: torch.Tensor, pw, act_bits: int, backend: str) -> tuple[bo
     group_words = pw.group_size // 32 if pw.group_size else None
     sums = group_code_sums(codes, pw.group_size)
     exact = True
-    if backend == "cupy":
-        from abqcli.btc import cuda as btc_cuda
-
-        g_planes, g_scale, g_zero, g_sums = btc_cuda.quantize_pack_activations(x, act_bits, pw.group_size)
-        exact = (torch.equal(g_planes.cpu(), a_planes) and torch.equal(g_sums.cpu(), sums)
-                 and torch.equal(g_scale.cpu(), scale.reshape(-1)) and torch.equal(g_zero.cpu(), zero.reshape(-1)))
-        acc = btc_cuda.int_gemm_planes(a_planes, pw.planes, group_words).cpu().long()
-    else:
-        acc = popcount_gemm(a_planes, pw.planes, group_words)
-    if acc.dim() == 2:
-        acc = acc.unsqueeze(-1)
+    own = gemm.quantize_pack(x, act_bits, pw.group_size)
+    if own is not None:
+        g_planes, g_scale, g_zero, g_sums = (t.cpu() for t in own)
+        exact = (torch.equal(g_planes, a_planes) and torch.equal(g_sums, sums)
+                 and torch.equal(g_scale, scale.reshape(-1)) and torch.equal(g_zero, zero.reshape(-1)))
+    acc = gemm.int_gemm_planes(a_planes, pw.planes, group_words).cpu().long()
     return exact and torch.equal(acc, ref), acc, (scale, zero, sums)
 
 
-def _check_layer(name: str, module, x: torch.Tensor, backend: str) -> dict:
-    from abqcli.btc.gemm import btc_linear, epilogue
+def _check_layer(name: str, module, x: torch.Tensor, gemm: GemmBackend) -> dict:
+    from abqcli.btc.gemm import epilogue
     from abqcli.quant.quantizer import FP_BITS, fake_quantize_activation
 
     pw, act_bits = module.packed, module.act_bits
     weight = pw.to_quantized().dequantize()
     y_ref = F.linear(fake_quantize_activation(x, act_bits), weight)
-    y = btc_linear(x, pw, act_bits, None, backend).float().cpu()
+    y = gemm.linear(x, pw, act_bits, None).float().cpu()
     result = {
         "name": name,
         "bits": pw.bits,
@@ -168,12 +165,11 @@ def _check_layer(name: str, module, x: torch.Tensor, backend: str) -> dict:
     if act_bits >= FP_BITS:
         result.update(integer_exact=None, integer_check="n/a (weight-only layer: dequantized matmul)")
         return result
-    exact, acc, (scale, zero, sums) = _integer_check(x, pw, act_bits, backend)
+    exact, acc, (scale, zero, sums) = _integer_check(x, pw, act_bits, gemm)
     y_epi = epilogue(acc, scale.reshape(-1), zero.reshape(-1), sums, pw)
-    kernel = "CUDA bit-plane GEMM" if backend == "cupy" else "bit-plane popcount GEMM (CPU)"
     result.update(
         integer_exact=bool(exact),
-        integer_check=f"{kernel} vs int_gemm of the codes",
+        integer_check=f"{gemm.kernel} vs int_gemm of the codes",
         epilogue_max_rel=_max_rel(y_epi, y_ref),
     )
     result["float_max_rel"] = max(result["float_max_rel"], result["epilogue_max_rel"])
@@ -243,11 +239,11 @@ def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str =
     from abqcli.formats.manifest import resolve_output_dir
     from abqcli.runtime import BTCLinear, require_backend
 
-    require_backend(backend)
+    gemm = require_backend(backend)
     if windows < 1:
         raise InputError(f"windows must be at least 1, got {windows}")
     start = time.perf_counter()
-    device = "cuda" if backend == "cupy" and torch.cuda.is_available() else "cpu"
+    device = "cuda" if gemm.device == "cuda" and torch.cuda.is_available() else "cpu"
     path = resolve_output_dir(directory)
     model, tokenizer, export = build(path, "float32", device, backend, PACKED)
     twin, _, _ = build(path, "float32", device, "cpu", TWIN, verify=False)
@@ -257,14 +253,29 @@ def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str =
         raise InputError(f"seqlen must be between 2 and the model's context ({context}), got {seqlen}")
     segments, text, note = _eval_windows(tokenizer, dataset, data_dir, seqlen, windows)
 
+    criteria = gemm.verify_criteria
     report = VerifyReport(
         directory=str(path), backend=backend, scheme=describe_layers(export.modules, export.kv_bits),
         text=text, text_note=note, seqlen=seqlen, windows=int(segments.shape[0]),
+        ppl_rel_tol=criteria.ppl_rel_tol, nll_rel_tol=criteria.nll_rel_tol,
     )
     linears = {name: m for name, m in model.named_modules() if isinstance(m, BTCLinear)}
     status = on_status or (lambda _: None)
     status(f"loaded {path} (packed, {backend} backend) and its fake-quant twin: comparing "
            f"{report.windows} windows of {seqlen} tokens")
+    captured = _compare_windows(model, twin, segments, device, layer_rows, report, status)
+    status(f"checking {len(linears)} quantized layers (integer GEMM, float output)")
+    _check_layers(report, linears, captured, gemm)
+    report.problems += _end_to_end_problems(report, criteria)
+    report.ok = not report.problems
+    report.seconds = round(time.perf_counter() - start, 3)
+    return report
+
+
+def _compare_windows(model: nn.Module, twin: nn.Module, segments: torch.Tensor, device: str, layer_rows: int,
+                     report: VerifyReport, status: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """Logits and perplexity of the packed model and its twin on every window, into `report`; the first
+    window also runs teacher-forced. Returns `layer_rows` captured input rows per quantized linear."""
     nll = {"packed": 0.0, "fakequant": 0.0}
     tokens = 0
     captured: dict[str, torch.Tensor] = {}
@@ -291,13 +302,17 @@ def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str =
     report.ppl_fakequant = math.exp(nll["fakequant"] / tokens)
     report.ppl_rel_diff = abs(report.ppl_packed - report.ppl_fakequant) / report.ppl_fakequant
     report.nll_rel_diff = abs(nll["packed"] - nll["fakequant"]) / max(abs(nll["fakequant"]), 1e-30)
+    return captured
 
-    status(f"checking {len(linears)} quantized layers (integer GEMM, float output)")
+
+def _check_layers(report: VerifyReport, linears: dict[str, nn.Module], captured: dict[str, torch.Tensor],
+                  gemm: GemmBackend) -> None:
+    """Per-layer integer and float checks of every quantized linear on its captured input, into `report`."""
     for name, module in linears.items():
         if name not in captured:
             report.problems.append(f"{name}: no input captured (the layer never ran)")
             continue
-        report.layers.append(_check_layer(name, module, captured[name], backend))
+        report.layers.append(_check_layer(name, module, captured[name], gemm))
     checked = [r for r in report.layers if r["integer_exact"] is not None]
     report.layers_integer_checked = len(checked)
     report.layers_integer_exact = sum(r["integer_exact"] for r in checked)
@@ -309,48 +324,50 @@ def verify_export(directory, backend: str = "cpu", data_dir=None, dataset: str =
         if not r["float_max_rel"] <= LAYER_FLOAT_TOL:
             report.problems.append(f"{r['name']}: float output differs from the fake-quant layer by "
                                    f"{r['float_max_rel']:.3g} relative (tolerance {LAYER_FLOAT_TOL:g})")
-    if not report.logits_max_rel <= LOGITS_TOL:
-        report.problems.append(f"teacher-forced logits differ from the fake-quant model by "
-                               f"{report.logits_max_rel:.3g} relative (tolerance {LOGITS_TOL:g})")
-    if not (math.isfinite(report.ppl_packed) and math.isfinite(report.ppl_fakequant)):
-        report.problems.append("non-finite perplexity")
-    elif backend == "cpu":
-        if not report.logits_max_rel_free_running <= LOGITS_TOL:
-            report.problems.append(f"free-running logits differ from the fake-quant model by "
-                                   f"{report.logits_max_rel_free_running:.3g} relative (tolerance {LOGITS_TOL:g})")
-        if not report.ppl_rel_diff <= PPL_REL_TOL:
-            report.problems.append(f"perplexity {report.ppl_packed:.6g} (packed) vs {report.ppl_fakequant:.6g} "
-                                   f"(fake-quant) differ by {report.ppl_rel_diff:.3g} relative "
-                                   f"(tolerance {PPL_REL_TOL:g}: the same to 4 significant digits)")
-    elif not report.nll_rel_diff <= NLL_REL_TOL:
-        report.problems.append(f"perplexity {report.ppl_packed:.4g} (packed) vs {report.ppl_fakequant:.4g} "
-                               f"(fake-quant): log perplexities differ by {report.nll_rel_diff:.3g} relative "
-                               f"(tolerance {NLL_REL_TOL:g})")
-    report.ok = not report.problems
-    report.seconds = round(time.perf_counter() - start, 3)
-    return report
+
+
+def _end_to_end_problems(r: VerifyReport, criteria: VerifyCriteria) -> list[str]:
+    """The failed end-to-end checks: teacher-forced logits (every backend), then the backend's criteria."""
+    problems = []
+    if not r.logits_max_rel <= LOGITS_TOL:
+        problems.append(f"teacher-forced logits differ from the fake-quant model by "
+                        f"{r.logits_max_rel:.3g} relative (tolerance {LOGITS_TOL:g})")
+    if not (math.isfinite(r.ppl_packed) and math.isfinite(r.ppl_fakequant)):
+        return [*problems, "non-finite perplexity"]
+    tol = criteria.free_running_logits_tol
+    if tol is not None and not r.logits_max_rel_free_running <= tol:
+        problems.append(f"free-running logits differ from the fake-quant model by "
+                        f"{r.logits_max_rel_free_running:.3g} relative (tolerance {tol:g})")
+    tol = criteria.ppl_rel_tol
+    if tol is not None and not r.ppl_rel_diff <= tol:
+        problems.append(f"perplexity {r.ppl_packed:.6g} (packed) vs {r.ppl_fakequant:.6g} (fake-quant) differ "
+                        f"by {r.ppl_rel_diff:.3g} relative (tolerance {tol:g}: the same to "
+                        f"{int(-math.log10(tol))} significant digits)")
+    tol = criteria.nll_rel_tol
+    if tol is not None and not r.nll_rel_diff <= tol:
+        problems.append(f"perplexity {r.ppl_packed:.4g} (packed) vs {r.ppl_fakequant:.4g} (fake-quant): "
+                        f"log perplexities differ by {r.nll_rel_diff:.3g} relative (tolerance {tol:g})")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------ inspect
 
 
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def _header(path: Path) -> dict[str, tuple[str, list[int], int]]:
     """name -> (dtype, shape, bytes) from a safetensors header, without reading the tensors."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-    except (OSError, struct.error, ValueError) as exc:
-        raise InputError(f"cannot read the header of {path}: {exc}") from exc
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        out[name] = (info["dtype"], list(info["shape"]), end - begin)
+    try:
+        with safe_open(path, "pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                tensor = fh.get_slice(name)
+                dtype, shape = tensor.get_dtype(), list(tensor.get_shape())
+                out[name] = (dtype, shape, math.prod(shape) * _DTYPE_BYTES[dtype])
+    except (OSError, SafetensorError, KeyError) as exc:
+        raise InputError(f"cannot read the header of {path}: {exc}") from exc
     return out
 
 
