@@ -1,8 +1,8 @@
 """Recipes: what to quantize and how (DESIGN §3).
 
-A recipe is a YAML mapping, validated on load. Unknown keys are errors, types are checked strictly
-(`true` is not an integer, `"4"` is not an integer) and every problem is reported as one `InputError`
-whose message names the key path, the bad value and what was expected::
+A recipe is a YAML mapping, validated on load by the pydantic schema below. Unknown keys are errors,
+types are checked strictly (`true` is not an integer, `"4"` is not an integer) and every problem is
+reported as one `InputError` whose message names the key path, the bad value and what was expected::
 
     recipe.yaml: calibration.lwc.lr: expected a positive number, got 'abc'
     recipe.yaml: overrides."*.down_proj".weights.bits: expected an integer from 1 to 8, got 9
@@ -21,32 +21,41 @@ A scheme string `w{1..8}[*]a{4..16}` sets `weights.bits`, `weights.balance` (the
 Per-module settings come from `ignore` (glob patterns left in full precision) and `overrides` (glob
 pattern -> partial `weights` / `activations` settings, applied in the order written, later ones winning);
 `Recipe.layer_quant(name)` resolves them for one module.
+
+The schema: each section is a frozen pydantic dataclass whose fields have a checked type (`_int`,
+`_number`, `_text`, `_choice`, ...) carrying its bounds and the words of its error message; a new
+option is one field. Strictness sits in those types (`Strict()`), not in the config, because a strict
+config would refuse a mapping for a nested section. Pydantic reports every problem; `_input_error`
+turns the first one, in the order the sections are read, into the one-line message.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import fnmatch
 import json
-import math
 import re
 import reprlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, WrapValidator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only from Python 3.12
 
 from abqcli.errors import InputError
-from abqcli.quant.quantizer import LayerQuant, WeightQuantSpec
+from abqcli.quant.quantizer import FP_BITS, LayerQuant, WeightQuantSpec, kv_label, scheme_label
+from abqcli.registry import FORMATS, METHODS
 
 __all__ = [
     "DEVICE_CHOICES",
     "DTYPES",
-    "FORMATS",
-    "METHODS",
     "PRESETS",
     "ActivationSpec",
     "CalibrationSpec",
@@ -55,6 +64,7 @@ __all__ = [
     "KVSpec",
     "LETSpec",
     "LWCSpec",
+    "LayerOverride",
     "LayerQuant",
     "LossSpec",
     "ModelSpec",
@@ -72,15 +82,11 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "float16", "bfloat16")
-METHODS = ("abq", "rtn")
-FORMATS = ("abq-packed", "hf-fakequant")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
-SHIFT_CHOICES = ("auto", True, False)
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 W_BITS_MIN, W_BITS_MAX = 1, 8
 A_BITS_MIN, A_BITS_MAX = 4, 16
-FP_BITS = 16  # activation / kv bits meaning "not quantized"
-BTC_GROUP_MULTIPLE = 128  # group sizes the BTC GEMM can run with quantized activations
 
 # Upper bounds far above any real run, so that a typo (or 1e23) is refused here, not deep in torch.
 MAX_NSAMPLES = 1_000_000
@@ -89,6 +95,8 @@ MAX_BATCH_SIZE = MAX_NSAMPLES
 MAX_EPOCHS = 10_000
 MAX_GROUP_SIZE = 1 << 20  # input features of one linear
 MAX_BLOCKS = 10_000  # compensation.first / last count decoder blocks
+MAX_SEED = 2**32 - 1  # numpy / torch seed range
+MAX_NUMBER = 1e300  # learning rates and factors stay far inside float range
 MAX_YAML_VALUES = 100_000  # values in a recipe after alias expansion; real recipes have a few hundred
 SHOW_LIMIT = 60  # characters of a user's value quoted in an error message
 
@@ -107,282 +115,10 @@ A preset is the default recipe with that scheme."""
 
 
 # --------------------------------------------------------------------------------------------------
-# Schema
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSpec:
-    """The model to quantize: an HF directory, a cached hub id, a GGUF file or `smollm2-135m`."""
-
-    path: str = "smollm2-135m"
-    dtype: str = "float32"  # float32 | float16 | bfloat16
-
-
-@dataclass
-class WeightSpec:
-    """Global weight quantization. `group_size` None = one (s, z) per output row; `balance` = W2*."""
-
-    bits: int = 4  # 1..8
-    group_size: int | None = None
-    balance: bool = False  # only with bits == 2
-
-    def quant_spec(self) -> WeightQuantSpec:
-        return WeightQuantSpec(self.bits, self.group_size, self.balance)
-
-
-@dataclass
-class ActivationSpec:
-    """Per-token dynamic activation quantization at the input of every quantized linear."""
-
-    bits: int = 16  # 4..16, 16 = not quantized
-
-
-@dataclass
-class KVSpec:
-    """q, k, v quantization; `bits` None = same as the activations, 16 = off."""
-
-    bits: int | None = None
-
-
-@dataclass
-class LWCSpec:
-    """Learnable weight clipping: two factors per quantization row, sigmoid of a parameter (init)."""
-
-    enabled: bool = True
-    lr: float = 1e-2
-    init: float = 4.0
-
-
-@dataclass
-class LETSpec:
-    """Learnable equivalent transformation: per-channel scales (and shifts) between linear pairs.
-
-    `shift`: "auto" = shifts only for OPT weight-activation runs; True / False force it.
-    """
-
-    enabled: bool = True
-    lr: float = 5e-3
-    alpha: float = 0.5
-    shift: str | bool = "auto"
-
-
-@dataclass
-class CompensationSpec:
-    """Low-rank compensation vectors on down_proj / fc2 of the first `first` and last `last` blocks."""
-
-    enabled: bool = True
-    first: int = 3
-    last: int = 4
-    lr: float = 1e-2
-
-
-@dataclass
-class LossSpec:
-    """Which distribution-correction loss terms are on (ablations)."""
-
-    mse: bool = True
-    cosine: bool = True
-    attention_kl: bool = True
-
-
-@dataclass
-class CalibrationSpec:
-    """The calibration run. `epochs` None = the scheme's reference default (see `default_epochs`)."""
-
-    method: str = "abq"  # abq | rtn
-    dataset: str = "wikitext2"  # name or path to a text file
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 2
-    epochs: int | None = None
-    batch_size: int = 1
-    lwc: LWCSpec = field(default_factory=LWCSpec)
-    let: LETSpec = field(default_factory=LETSpec)
-    compensation: CompensationSpec = field(default_factory=CompensationSpec)
-    loss: LossSpec = field(default_factory=LossSpec)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-
-@dataclass
-class OutputSpec:
-    """Where results go and which artefacts are written (`abq-packed`, `hf-fakequant`)."""
-
-    dir: str = "out/abq"
-    formats: list[str] = field(default_factory=lambda: ["abq-packed"])
-
-
-@dataclass
-class EvalSpec:
-    """Perplexity evaluation: dataset names (or text file paths) and window length."""
-
-    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
-    seqlen: int = 2048
-
-
-def default_epochs(weight_bits: int, act_bits: int) -> int:
-    """Reference epoch count: 40 for W2A16, W2A8, W2A6, W8A8 (balanced or not), else 20."""
-    return EPOCHS_LONG if (weight_bits, act_bits) in LONG_EPOCH_SCHEMES else EPOCHS_SHORT
-
-
-@dataclass
-class Recipe:
-    """A validated recipe. Build it with `load_recipe` / `recipe_from_dict`, which fill `epochs` in.
-
-    `overrides` maps a glob pattern over module names to a partial setting, e.g.
-    `{"*.down_proj": {"weights": {"bits": 8}}}`; see `layer_quant` for how they combine.
-    """
-
-    model: ModelSpec = field(default_factory=ModelSpec)
-    scheme: str | None = None
-    weights: WeightSpec = field(default_factory=WeightSpec)
-    activations: ActivationSpec = field(default_factory=ActivationSpec)
-    kv: KVSpec = field(default_factory=KVSpec)
-    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
-    overrides: dict[str, dict] = field(default_factory=dict)
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    output: OutputSpec = field(default_factory=OutputSpec)
-    eval: EvalSpec = field(default_factory=EvalSpec)
-
-    @property
-    def kv_bits(self) -> int:
-        """Bits of the q/k/v quantizer: `kv.bits`, or the activation bits when that is null."""
-        return self.kv.bits if self.kv.bits is not None else self.activations.bits
-
-    @property
-    def epochs(self) -> int:
-        """Training epochs per block: the written value or the scheme's reference default."""
-        if self.calibration.epochs is not None:
-            return self.calibration.epochs
-        return default_epochs(self.weights.bits, self.activations.bits)
-
-    def matching_overrides(self, module_name: str) -> list[str]:
-        """The `overrides` patterns that match `module_name`, in the order written."""
-        return [p for p in self.overrides if fnmatch.fnmatchcase(module_name, p)]
-
-    def layer_quant(self, module_name: str) -> LayerQuant | None:
-        """Resolve the quantization of one linear module (full dotted name, e.g.
-        `model.layers.3.mlp.down_proj`).
-
-        Returns None when any `ignore` glob matches (the module stays in full precision). Otherwise
-        starts from the global `weights` / `activations` and merges every matching `overrides` entry
-        over it **in the order the patterns are written: a later pattern wins** over an earlier one
-        for the keys both set; keys a pattern does not mention keep their earlier value. Patterns are
-        `fnmatch` globs matched case-sensitively against the whole name (`*` also crosses dots).
-
-        Raises InputError if the merged result of several patterns is invalid (each pattern alone is
-        checked at load time).
-        """
-        if any(fnmatch.fnmatchcase(module_name, p) for p in self.ignore):
-            return None
-        w = {"bits": self.weights.bits, "group_size": self.weights.group_size,
-             "balance": self.weights.balance}
-        a_bits = self.activations.bits
-        patterns = self.matching_overrides(module_name)
-        for p in patterns:
-            o = self.overrides[p]
-            w.update(o.get("weights", {}))
-            a_bits = o.get("activations", {}).get("bits", a_bits)
-        if len(patterns) > 1:
-            where = f"overrides (module {module_name!r}, patterns {', '.join(map(show_value, patterns))})"
-            _, problem = _effective_problem(w, a_bits, self.output.formats)
-            if problem:
-                raise InputError(f"{where}: {problem}")
-        return LayerQuant(WeightQuantSpec(w["bits"], w["group_size"], w["balance"]), a_bits)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form with every default filled in (epochs resolved); `dump_recipe` writes it.
-
-        `kv.bits` and `weights.group_size` stay null when null: there null is a setting, not a gap.
-        """
-        c = self.calibration
-        return {
-            "model": {"path": self.model.path, "dtype": self.model.dtype},
-            "scheme": self.scheme,
-            "weights": {"bits": self.weights.bits, "group_size": self.weights.group_size,
-                        "balance": self.weights.balance},
-            "activations": {"bits": self.activations.bits},
-            "kv": {"bits": self.kv.bits},
-            "ignore": list(self.ignore),
-            "overrides": copy.deepcopy(self.overrides),
-            "calibration": {
-                "method": c.method,
-                "dataset": c.dataset,
-                "nsamples": c.nsamples,
-                "seqlen": c.seqlen,
-                "seed": c.seed,
-                "epochs": self.epochs,
-                "batch_size": c.batch_size,
-                "lwc": {"enabled": c.lwc.enabled, "lr": c.lwc.lr, "init": c.lwc.init},
-                "let": {"enabled": c.let.enabled, "lr": c.let.lr, "alpha": c.let.alpha,
-                        "shift": c.let.shift},
-                "compensation": {"enabled": c.compensation.enabled, "first": c.compensation.first,
-                                 "last": c.compensation.last, "lr": c.compensation.lr},
-                "loss": {"mse": c.loss.mse, "cosine": c.loss.cosine,
-                         "attention_kl": c.loss.attention_kl},
-                "device": c.device,
-            },
-            "output": {"dir": self.output.dir, "formats": list(self.output.formats)},
-            "eval": {"datasets": list(self.eval.datasets), "seqlen": self.eval.seqlen},
-        }
-
-
-def describe(recipe: Recipe) -> str:
-    """Short display form, e.g. `W4A4 g128 (kv A4)`, `W2*A16`, `W4A16 (kv A8)`.
-
-    The kv part is shown when q/k/v are quantized or differ from the activations.
-    """
-    w = recipe.weights
-    text = f"W{w.bits}{'*' if w.balance else ''}A{recipe.activations.bits}"
-    if w.group_size is not None:
-        text += f" g{w.group_size}"
-    kv = recipe.kv_bits
-    if kv < FP_BITS or kv != recipe.activations.bits:
-        text += f" (kv A{kv})"
-    return text
-
-
-# --------------------------------------------------------------------------------------------------
-# Schemes
-# --------------------------------------------------------------------------------------------------
-
-_SCHEME_RE = re.compile(r"w(\d+)(\*?)a(\d+)", re.IGNORECASE)
-
-
-def _scheme_problem(text: str) -> tuple[tuple[int, bool, int] | None, str]:
-    """(parsed, "") or (None, reason)."""
-    m = _SCHEME_RE.fullmatch(text)
-    if not m:
-        return None, "expected w<bits>a<bits> such as w4a16, w4a4 or w2*a8"
-    w, star, a = int(m.group(1)), bool(m.group(2)), int(m.group(3))
-    if not W_BITS_MIN <= w <= W_BITS_MAX:
-        return None, f"weight bits must be {W_BITS_MIN}..{W_BITS_MAX}, got {w}"
-    if not A_BITS_MIN <= a <= A_BITS_MAX:
-        return None, f"activation bits must be {A_BITS_MIN}..{A_BITS_MAX}, got {a}"
-    if star and w != 2:
-        return None, f"'*' (bit balance) exists only for 2-bit weights (w2*a..), not {w}-bit"
-    return (w, star, a), ""
-
-
-def parse_scheme(text: str) -> tuple[int, bool, int]:
-    """`"w4a16"` -> (4, False, 16); `"W2*A8"` -> (2, True, 8): (weight bits, balance, activation bits).
-
-    Case-insensitive; weight bits 1..8, activation bits 4..16, `*` only after 2. InputError otherwise.
-    """
-    if not isinstance(text, str):
-        raise InputError(f"invalid scheme {show_value(text)}: expected a string such as w4a16")
-    parsed, reason = _scheme_problem(text)
-    if parsed is None:
-        raise InputError(f"invalid scheme {show_value(text)}: {reason}")
-    return parsed
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation
+# Values in messages
 # --------------------------------------------------------------------------------------------------
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MISSING = object()
 
 
 def _bounded_repr() -> reprlib.Repr:
@@ -426,157 +162,490 @@ def _fmt_path(path: Sequence[object]) -> str:
     return ".".join(_fmt_key(k) for k in path) if path else "(top level)"
 
 
-class _Validator:
-    """Strict type checks that raise one InputError `source: key.path: problem`."""
+# --------------------------------------------------------------------------------------------------
+# Field types: pydantic's checks plus the words of the message when they fail
+# --------------------------------------------------------------------------------------------------
 
-    def __init__(self, source: str) -> None:
-        self.source = source
+_PROBLEM = "abq_problem"  # the pydantic error type of a problem already worded for the user
 
-    def fail(self, path: Sequence[object], problem: str) -> InputError:
-        return InputError(f"{self.source}: {_fmt_path(path)}: {problem}")
 
-    def bad(self, path: Sequence[object], expected: str, value: object) -> InputError:
-        return self.fail(path, f"expected {expected}, got {show_value(value)}")
+def _problem(text: str, at: object = None) -> PydanticCustomError:
+    """An error worded for the user; `at` names an item of the value (`output.formats.1`)."""
+    return PydanticCustomError(_PROBLEM, "{problem}", {"problem": text, "at": at})
 
-    def mapping(self, value: object, path: Sequence[object], keys: Sequence[str]) -> dict:
-        """A mapping whose keys are all in `keys` (returned as a dict)."""
-        if not isinstance(value, Mapping):
-            raise self.bad(path, "a mapping", value)
-        for k in value:
-            if not (isinstance(k, str) and k in keys):
-                msg = f"unknown key (expected one of: {', '.join(keys)})"
-                if isinstance(k, str) and len(k) <= SHOW_LIMIT:
-                    close = difflib.get_close_matches(k, keys, n=1)
-                    if close:
-                        msg += f"; did you mean {close[0]!r}?"
-                raise self.fail([*path, k], msg)
-        return dict(value)
 
-    def integer(self, value: object, path: Sequence[object], lo: int | None = None,
-                hi: int | None = None, cap: int | None = None) -> int:
-        """An int (not a bool, not a float such as 1e23 or 1.0) in lo..hi; `cap` is a sanity bound
-        (named in the message only when the value is above it)."""
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        top = hi if hi is not None else cap
-        if ok and (lo is None or value >= lo) and (top is None or value <= top):
-            return int(value)
-        if lo is not None and hi is not None:
-            expected = f"an integer from {lo} to {hi}"
-        elif lo == 1:
-            expected = "a positive integer"
-        elif lo == 0:
-            expected = "a non-negative integer"
-        elif lo is not None:
-            expected = f"an integer >= {lo}"
+def _on_error(describe: Callable[[object], str], items: bool = False) -> WrapValidator:
+    """Replace whatever the checks inside report about a value by `describe(value)`. With `items`, the
+    type holds items (a list, a mapping) whose own errors are kept, each at its own key path."""
+
+    def wrap(value: object, handler: Callable[[object], object]) -> object:
+        try:
+            return handler(value)
+        except ValidationError as err:
+            errors = err.errors(include_url=False)
+            if any(e["type"] == _PROBLEM or (items and e["loc"]) for e in errors):
+                raise
+            raise _problem(describe(value)) from None
+
+    return WrapValidator(wrap)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect(expected: str, cap: int | None = None, number: bool = False,
+            items: bool = False) -> WrapValidator:
+    """`expected <expected>, got <value>`. `cap` is a sanity bound, named only for an integer above it;
+    `number` explains a quoted number such as '1e-3'."""
+
+    def describe(value: object) -> str:
+        text = expected + (f" up to {cap}" if cap is not None and _is_int(value) and value > cap else "")
+        text = f"expected {text}, got {show_value(value)}"
+        if number and isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+            text += " (a string, not a number: write it unquoted, e.g. 1.0e-2)"
+        return text
+
+    return _on_error(describe, items)
+
+
+def _check(ok: Callable[[Any], object]) -> AfterValidator:
+    """A check pydantic has no constraint for; its failure is worded by the `_expect` around it."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError("check failed")
+        return value
+
+    return AfterValidator(check)
+
+
+def _int(lo: int, hi: int | None = None, cap: int | None = None) -> Any:
+    """An integer (not a bool, not a float such as 1e23 or 1.0) from `lo` to `hi`, or from `lo` (0 or 1)
+    up to the sanity bound `cap`."""
+    if hi is not None:
+        return Annotated[int, Strict(), Field(ge=lo, le=hi), _expect(f"an integer from {lo} to {hi}")]
+    expected = {0: "a non-negative integer", 1: "a positive integer"}[lo]
+    return Annotated[int, Strict(), Field(ge=lo, le=cap), _expect(expected, cap)]
+
+
+def _number(expected: str, **bounds: float) -> Any:
+    """A finite int or float, read as a float, within `bounds` (pydantic's gt / ge / lt / le)."""
+    bounds = {"gt": -MAX_NUMBER, "lt": MAX_NUMBER, **bounds}
+    return Annotated[float, Strict(), Field(allow_inf_nan=False, **bounds), _expect(expected, number=True)]
+
+
+def _text(expected: str) -> Any:
+    """A string that is not blank."""
+    return Annotated[str, Strict(), _check(str.strip), _expect(expected)]
+
+
+def _choice(choices: Sequence[str]) -> Any:
+    """One of `choices`, compared exactly."""
+    return Annotated[str, Strict(), _check(lambda v: v in choices), _expect(f"one of: {', '.join(choices)}")]
+
+
+def _listed_once(items: list[str]) -> list[str]:
+    for i, item in enumerate(items):
+        if item in items[:i]:
+            raise _problem(f"{item!r} is listed twice", at=i)
+    return items
+
+
+def _scheme(text: str) -> str:
+    parsed, reason = _scheme_problem(text)
+    if parsed is None:
+        raise _problem(f"invalid scheme {show_value(text)}: {reason}")
+    return text.lower()
+
+
+Flag = Annotated[bool, Strict(), _expect("true or false")]
+WeightBits = _int(W_BITS_MIN, W_BITS_MAX)
+ActBits = _int(A_BITS_MIN, A_BITS_MAX)
+GroupSize = Annotated[Annotated[int, Strict(), Field(gt=0, le=MAX_GROUP_SIZE)] | None,
+                      _expect(f"null (per channel) or a positive integer up to {MAX_GROUP_SIZE}")]
+Rate = _number("a positive number", gt=0)
+Name = _text("a non-empty string")
+Names = Annotated[list[Name], Strict(), _expect("a list of strings", items=True)]
+Scheme = Annotated[str, Strict(), _expect("null or a scheme such as w4a16 or w2*a8"), AfterValidator(_scheme)]
+Pattern = Annotated[str, Strict(), _check(str.strip),
+                    _on_error(lambda _: "expected a glob pattern over module names (a non-empty string)")]
+Formats = Annotated[list[_choice(FORMATS.names())], Strict(), Field(min_length=1),
+                    _expect(f"a non-empty list of: {', '.join(FORMATS.names())}", items=True),
+                    AfterValidator(_listed_once)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+
+_SECTION = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(config=_SECTION)
+class ModelSpec:
+    """The model to quantize: an HF directory, a cached hub id, a GGUF file or `smollm2-135m`."""
+
+    path: Name = "smollm2-135m"
+    dtype: _choice(DTYPES) = "float32"
+
+
+@dataclass(config=_SECTION)
+class WeightSpec:
+    """Global weight quantization. `group_size` None = one (s, z) per output row; `balance` = W2*."""
+
+    bits: WeightBits = 4
+    group_size: GroupSize = None
+    balance: Flag = False  # only with bits == 2
+
+    def quant_spec(self) -> WeightQuantSpec:
+        return WeightQuantSpec(self.bits, self.group_size, self.balance)
+
+
+@dataclass(config=_SECTION)
+class ActivationSpec:
+    """Per-token dynamic activation quantization at the input of every quantized linear."""
+
+    bits: ActBits = FP_BITS  # FP_BITS = not quantized
+
+
+@dataclass(config=_SECTION)
+class KVSpec:
+    """q, k, v quantization; `bits` None = same as the activations, FP_BITS = off."""
+
+    bits: ActBits | None = None
+
+
+class WeightOverride(TypedDict, total=False):
+    """The `weights` keys one override sets (a key left out keeps the earlier value)."""
+
+    __pydantic_config__ = _SECTION
+    bits: WeightBits
+    group_size: GroupSize
+    balance: Flag
+
+
+class ActivationOverride(TypedDict, total=False):
+    __pydantic_config__ = _SECTION
+    bits: ActBits
+
+
+class LayerOverride(TypedDict, total=False):
+    """One `overrides` entry: plain data holding only the keys written, in schema order."""
+
+    __pydantic_config__ = _SECTION
+    weights: WeightOverride
+    activations: ActivationOverride
+
+
+@dataclass(config=_SECTION)
+class LWCSpec:
+    """Learnable weight clipping: two factors per quantization row, sigmoid of a parameter (init)."""
+
+    enabled: Flag = True
+    lr: Rate = 1e-2
+    init: _number("a finite number") = 4.0
+
+
+@dataclass(config=_SECTION)
+class LETSpec:
+    """Learnable equivalent transformation: per-channel scales (and shifts) between linear pairs.
+
+    `shift`: "auto" = shifts only for OPT weight-activation runs; True / False force it.
+    """
+
+    enabled: Flag = True
+    lr: Rate = 5e-3
+    alpha: _number("a number from 0 to 1", ge=0.0, le=1.0) = 0.5
+    shift: Annotated[Literal["auto"] | Annotated[bool, Strict()], _expect("auto, true or false")] = "auto"
+
+
+@dataclass(config=_SECTION)
+class CompensationSpec:
+    """Low-rank compensation vectors on down_proj / fc2 of the first `first` and last `last` blocks."""
+
+    enabled: Flag = True
+    first: _int(0, cap=MAX_BLOCKS) = 3
+    last: _int(0, cap=MAX_BLOCKS) = 4
+    lr: Rate = 1e-2
+
+
+@dataclass(config=_SECTION)
+class LossSpec:
+    """Which distribution-correction loss terms are on (ablations)."""
+
+    mse: Flag = True
+    cosine: Flag = True
+    attention_kl: Flag = True
+
+
+@dataclass(config=_SECTION)
+class CalibrationSpec:
+    """The calibration run. `epochs` None = the scheme's reference default (see `default_epochs`)."""
+
+    method: _choice(METHODS.names()) = "abq"  # abqcli.registry.METHODS
+    dataset: _text("a dataset name or a text file path") = "wikitext2"  # name or path to a text file
+    nsamples: _int(1, cap=MAX_NSAMPLES) = 128
+    seqlen: _int(1, cap=MAX_SEQLEN) = 2048
+    seed: _int(0, MAX_SEED) = 2
+    epochs: _int(1, cap=MAX_EPOCHS) | None = None
+    batch_size: _int(1, cap=MAX_BATCH_SIZE) = 1
+    lwc: LWCSpec = Field(default_factory=LWCSpec)
+    let: LETSpec = Field(default_factory=LETSpec)
+    compensation: CompensationSpec = Field(default_factory=CompensationSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    device: Annotated[str, Strict(), _check(DEVICE_RE.fullmatch),
+                      _expect(f"one of: {', '.join(DEVICE_CHOICES)}")] = "auto"
+
+
+@dataclass(config=_SECTION)
+class OutputSpec:
+    """Where results go and which artefacts are written (`abqcli.registry.FORMATS`)."""
+
+    dir: _text("a directory path") = "out/abq"
+    formats: Formats = Field(default_factory=lambda: ["abq-packed"])
+
+
+@dataclass(config=_SECTION)
+class EvalSpec:
+    """Perplexity evaluation: dataset names (or text file paths) and window length."""
+
+    datasets: Names = Field(default_factory=lambda: ["wikitext2"])
+    seqlen: _int(1, cap=MAX_SEQLEN) = 2048
+
+
+def default_epochs(weight_bits: int, act_bits: int) -> int:
+    """Reference epoch count: 40 for W2A16, W2A8, W2A6, W8A8 (balanced or not), else 20."""
+    return EPOCHS_LONG if (weight_bits, act_bits) in LONG_EPOCH_SCHEMES else EPOCHS_SHORT
+
+
+@dataclass(config=_SECTION)
+class Recipe:
+    """A validated recipe. Build it with `load_recipe` / `recipe_from_dict`, which fill `epochs` in.
+
+    `overrides` maps a glob pattern over module names to a partial setting, e.g.
+    `{"*.down_proj": {"weights": {"bits": 8}}}`; see `layer_quant` for how they combine.
+    """
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    scheme: Scheme | None = None
+    weights: WeightSpec = Field(default_factory=WeightSpec)
+    activations: ActivationSpec = Field(default_factory=ActivationSpec)
+    kv: KVSpec = Field(default_factory=KVSpec)
+    ignore: Names = Field(default_factory=lambda: ["lm_head"])
+    overrides: Annotated[dict[Pattern, LayerOverride], Strict(),
+                         _expect("a mapping of glob pattern -> {weights: ..., activations: ...}", items=True)
+                         ] = Field(default_factory=dict)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @property
+    def kv_bits(self) -> int:
+        """Bits of the q/k/v quantizer: `kv.bits`, or the activation bits when that is null."""
+        return self.kv.bits if self.kv.bits is not None else self.activations.bits
+
+    @property
+    def epochs(self) -> int:
+        """Training epochs per block: the written value or the scheme's reference default."""
+        if self.calibration.epochs is not None:
+            return self.calibration.epochs
+        return default_epochs(self.weights.bits, self.activations.bits)
+
+    def matching_overrides(self, module_name: str) -> list[str]:
+        """The `overrides` patterns that match `module_name`, in the order written."""
+        return [p for p in self.overrides if fnmatch.fnmatchcase(module_name, p)]
+
+    def _merged(self, patterns: Sequence[str]) -> LayerQuant:
+        """The global `weights` / `activations` with the `overrides` entries of `patterns` merged over
+        them in that order, each setting only the keys it writes."""
+        weight, act_bits = self.weights.quant_spec(), self.activations.bits
+        for p in patterns:
+            weight = dataclasses.replace(weight, **self.overrides[p].get("weights", {}))
+            act_bits = self.overrides[p].get("activations", {}).get("bits", act_bits)
+        return LayerQuant(weight, act_bits)
+
+    def layer_quant(self, module_name: str) -> LayerQuant | None:
+        """Resolve the quantization of one linear module (full dotted name, e.g.
+        `model.layers.3.mlp.down_proj`).
+
+        Returns None when any `ignore` glob matches (the module stays in full precision). Otherwise
+        starts from the global `weights` / `activations` and merges every matching `overrides` entry
+        over it **in the order the patterns are written: a later pattern wins** over an earlier one
+        for the keys both set; keys a pattern does not mention keep their earlier value. Patterns are
+        `fnmatch` globs matched case-sensitively against the whole name (`*` also crosses dots).
+
+        Raises InputError if the merged result of several patterns is invalid (each pattern alone is
+        checked at load time).
+        """
+        if any(fnmatch.fnmatchcase(module_name, p) for p in self.ignore):
+            return None
+        patterns = self.matching_overrides(module_name)
+        quant = self._merged(patterns)
+        if len(patterns) > 1:
+            _, problem = _layer_problem(quant, self.output.formats)
+            if problem:
+                where = f"overrides (module {module_name!r}, patterns {', '.join(map(show_value, patterns))})"
+                raise InputError(f"{where}: {problem}")
+        return quant
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form with every default filled in (epochs resolved); `dump_recipe` writes it.
+
+        `kv.bits` and `weights.group_size` stay null when null: there null is a setting, not a gap.
+        """
+        data = _RECIPE.dump_python(self)
+        data["calibration"]["epochs"] = self.epochs
+        return data
+
+
+_RECIPE = TypeAdapter(Recipe)
+
+
+def describe(recipe: Recipe) -> str:
+    """Short display form, e.g. `W4A4 g128 (kv A4)`, `W2*A16`, `W4A16 (kv A8)`."""
+    w, act_bits = recipe.weights, recipe.activations.bits
+    return scheme_label(w.bits, w.balance, w.group_size, act_bits) + kv_label(recipe.kv_bits, {act_bits})
+
+
+# --------------------------------------------------------------------------------------------------
+# Schemes
+# --------------------------------------------------------------------------------------------------
+
+_SCHEME_RE = re.compile(r"w(\d+)(\*?)a(\d+)", re.IGNORECASE)
+
+
+def _scheme_problem(text: str) -> tuple[tuple[int, bool, int] | None, str]:
+    """(parsed, "") or (None, reason)."""
+    m = _SCHEME_RE.fullmatch(text)
+    if not m:
+        return None, "expected w<bits>a<bits> such as w4a16, w4a4 or w2*a8"
+    w, star, a = int(m.group(1)), bool(m.group(2)), int(m.group(3))
+    if not W_BITS_MIN <= w <= W_BITS_MAX:
+        return None, f"weight bits must be {W_BITS_MIN}..{W_BITS_MAX}, got {w}"
+    if not A_BITS_MIN <= a <= A_BITS_MAX:
+        return None, f"activation bits must be {A_BITS_MIN}..{A_BITS_MAX}, got {a}"
+    if star and w != 2:
+        return None, f"'*' (bit balance) exists only for 2-bit weights (w2*a..), not {w}-bit"
+    return (w, star, a), ""
+
+
+def parse_scheme(text: str) -> tuple[int, bool, int]:
+    """`"w4a16"` -> (4, False, 16); `"W2*A8"` -> (2, True, 8): (weight bits, balance, activation bits).
+
+    Case-insensitive; weight bits 1..8, activation bits 4..16, `*` only after 2. InputError otherwise.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"invalid scheme {show_value(text)}: expected a string such as w4a16")
+    parsed, reason = _scheme_problem(text)
+    if parsed is None:
+        raise InputError(f"invalid scheme {show_value(text)}: {reason}")
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+_UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")  # pydantic's error types
+_NOT_A_MAPPING = ("dataclass_type", "dict_type")
+
+
+def _keys_at(path: Sequence[object]) -> tuple[str, ...]:
+    """The keys the mapping at `path` (a key path into a recipe) may hold, in schema order."""
+    node: Any = Recipe
+    for key in path:
+        if typing.get_origin(node) is dict:  # `overrides`: any pattern
+            node = typing.get_args(node)[1]
         else:
-            expected = "an integer"
-        if ok and cap is not None and value > cap:
-            expected += f" up to {cap}"
-        raise self.bad(path, expected, value)
-
-    def number(self, value: object, path: Sequence[object], positive: bool = False,
-               lo: float | None = None, hi: float | None = None) -> float:
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and (isinstance(value, int) or math.isfinite(value)) and -1e300 < value < 1e300)
-        if ok:
-            if positive and value <= 0:
-                ok = False
-            if lo is not None and value < lo:
-                ok = False
-            if hi is not None and value > hi:
-                ok = False
-        if ok:
-            return float(value)
-        if positive:
-            expected = "a positive number"
-        elif lo is not None and hi is not None:
-            expected = f"a number from {lo:g} to {hi:g}"
-        else:
-            expected = "a finite number"
-        err = self.bad(path, expected, value)
-        if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
-            err = InputError(f"{err} (a string, not a number: write it unquoted, e.g. 1.0e-2)")
-        raise err
-
-    def boolean(self, value: object, path: Sequence[object]) -> bool:
-        if isinstance(value, bool):
-            return value
-        raise self.bad(path, "true or false", value)
-
-    def string(self, value: object, path: Sequence[object], what: str = "a non-empty string") -> str:
-        if isinstance(value, str) and value.strip():
-            return value
-        raise self.bad(path, what, value)
-
-    def choice(self, value: object, path: Sequence[object], choices: Sequence[str]) -> str:
-        if isinstance(value, str) and value in choices:
-            return value
-        raise self.bad(path, f"one of: {', '.join(choices)}", value)
-
-    def string_list(self, value: object, path: Sequence[object], allow_empty: bool = True) -> list[str]:
-        expected = "a list of strings" if allow_empty else "a non-empty list of strings"
-        if not isinstance(value, list) or (not allow_empty and not value):
-            raise self.bad(path, expected, value)
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                raise self.bad([*path, i], "a non-empty string", item)
-        return list(value)
+            node = typing.get_type_hints(node)[key]
+    return tuple(typing.get_type_hints(node))
 
 
-def _effective_problem(w: Mapping[str, Any], act_bits: int, formats: Sequence[str]) -> tuple[str, str]:
-    """(weights key, why) a (weights, activation bits) combination cannot be used, or ("", "")."""
-    if w["balance"] and w["bits"] != 2:
-        return "balance", (f"bit balance (W2*) needs weights.bits == 2, got balance true with bits {w['bits']} "
-                f"(set weights.balance: false)")
-    gs = w["group_size"]
-    if ("abq-packed" in formats and act_bits < FP_BITS and gs is not None
-            and gs % BTC_GROUP_MULTIPLE != 0):
-        return "group_size", (f"group_size {gs} cannot be packed: with quantized activations (A{act_bits}) the BTC GEMM "
-                f"needs per-channel weights (group_size: null) or a group size that is a multiple of "
-                f"{BTC_GROUP_MULTIPLE}; change group_size or drop abq-packed from output.formats")
+def _unknown_key(path: Sequence[object]) -> str:
+    keys = _keys_at(path[:-1])
+    msg = f"unknown key (expected one of: {', '.join(keys)})"
+    key = path[-1]
+    if isinstance(key, str) and len(key) <= SHOW_LIMIT:
+        close = difflib.get_close_matches(key, keys, n=1)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+    return msg
+
+
+def _first_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The problem reported: pydantic lists a mapping's fields, in schema order, before its unknown
+    keys; the message names an unknown key before the values of its mapping, as a reader meets them
+    (the outermost one first)."""
+    first = errors[0]
+    at = first["loc"][:-2] if first["loc"][-1:] == ("[key]",) else first["loc"]  # a bad key, not its value
+    unknown = [e for e in errors if e["type"] in _UNKNOWN_KEY and at[: len(e["loc"]) - 1] == e["loc"][:-1]]
+    return min(unknown, key=lambda e: len(e["loc"]), default=first)
+
+
+def _input_error(err: ValidationError, source: str) -> InputError:
+    """The first problem of a pydantic ValidationError as one line `source: key.path: problem`."""
+    e = _first_error(err.errors(include_url=False))
+    path = list(e["loc"])
+    if path[-1:] == ["[key]"]:  # the pattern of an `overrides` entry
+        path = [*path[:-2], e["input"]]
+    elif e["type"] == "invalid_key":  # a key that is not a string, which pydantic's path spells as text
+        path[-1] = e["input"]
+    if e["type"] == _PROBLEM:
+        if e["ctx"]["at"] is not None:
+            path.append(e["ctx"]["at"])
+        problem = e["ctx"]["problem"]
+    elif e["type"] in _UNKNOWN_KEY:
+        problem = _unknown_key(path)
+    elif e["type"] in _NOT_A_MAPPING:
+        problem = f"expected a mapping, got {show_value(e['input'])}"
+    else:  # a check without its own wording
+        problem = f"{e['msg']}, got {show_value(e['input'])}"
+    return InputError(f"{source}: {_fmt_path(path)}: {problem}")
+
+
+def _with_scheme(data: dict) -> dict:
+    """A valid `scheme` written as the weights / activations it stands for, under the keys written
+    explicitly (an invalid one is left for the schema to report)."""
+    scheme = data.get("scheme")
+    if not isinstance(scheme, str) or _scheme_problem(scheme)[0] is None:
+        return data
+    bits, balance, act_bits = parse_scheme(scheme)
+    out, weights, activations = dict(data), data.get("weights", {}), data.get("activations", {})
+    if isinstance(weights, Mapping):
+        out["weights"] = {"bits": bits, "balance": balance, **weights}
+    if isinstance(activations, Mapping):
+        out["activations"] = {"bits": act_bits, **activations}
+    return out
+
+
+def _layer_problem(quant: LayerQuant, formats: Sequence[str]) -> tuple[str, str]:
+    """(weights key, why) one layer's scheme cannot be used, or ("", ""): bit balance needs 2 bits, and
+    each listed output format must be able to hold the layer (its `layer_problem`; reported at
+    `weights.group_size`, what abq-packed's rule is about)."""
+    w = quant.weight
+    if w.balance and w.bits != 2:
+        return "balance", (f"bit balance (W2*) needs weights.bits == 2, got balance true with bits {w.bits} "
+                           f"(set weights.balance: false)")
+    for fmt in formats:
+        problem = FORMATS.load(fmt).layer_problem(w, quant.act_bits)
+        if problem:
+            return "group_size", problem
     return "", ""
 
 
-_TOP_KEYS = ("model", "scheme", "weights", "activations", "kv", "ignore", "overrides", "calibration",
-             "output", "eval")
-_WEIGHT_KEYS = ("bits", "group_size", "balance")
-_OVERRIDE_KEYS = ("weights", "activations")
-_CALIB_KEYS = ("method", "dataset", "nsamples", "seqlen", "seed", "epochs", "batch_size", "lwc", "let",
-               "compensation", "loss", "device")
-DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def _weight_fields(v: _Validator, raw: object, path: list) -> dict[str, Any]:
-    """Validate a (possibly partial) `weights` mapping; returns only the keys written."""
-    d = v.mapping(raw, path, _WEIGHT_KEYS)
-    out: dict[str, Any] = {}
-    if "bits" in d:
-        out["bits"] = v.integer(d["bits"], [*path, "bits"], W_BITS_MIN, W_BITS_MAX)
-    if "group_size" in d:
-        gs = d["group_size"]
-        if gs is not None:
-            ok = isinstance(gs, int) and not isinstance(gs, bool) and 0 < gs <= MAX_GROUP_SIZE
-            if not ok:
-                expected = f"null (per channel) or a positive integer up to {MAX_GROUP_SIZE}"
-                raise v.bad([*path, "group_size"], expected, gs)
-        out["group_size"] = gs
-    if "balance" in d:
-        out["balance"] = v.boolean(d["balance"], [*path, "balance"])
-    return out
-
-
-def _act_fields(v: _Validator, raw: object, path: list) -> dict[str, Any]:
-    d = v.mapping(raw, path, ("bits",))
-    out: dict[str, Any] = {}
-    if "bits" in d:
-        out["bits"] = v.integer(d["bits"], [*path, "bits"], A_BITS_MIN, A_BITS_MAX)
-    return out
-
-
-def _section(v: _Validator, data: dict, key: str, keys: Sequence[str]) -> dict:
-    if key not in data:
-        return {}
-    return v.mapping(data[key], [key], keys)
+def _check_combinations(recipe: Recipe, written_weights: Mapping, source: str) -> None:
+    """The global scheme, then each override merged over it on its own, must be usable."""
+    key, problem = _layer_problem(recipe._merged([]), recipe.output.formats)
+    if problem:
+        if key == "balance" and recipe.scheme is not None and "balance" not in written_weights:
+            problem += f"; balance came from scheme {show_value(recipe.scheme)}"
+        raise InputError(f"{source}: weights.{key}: {problem}")
+    for pattern in recipe.overrides:
+        _, problem = _layer_problem(recipe._merged([pattern]), recipe.output.formats)
+        if problem:
+            raise InputError(f"{source}: {_fmt_path(['overrides', pattern])}: merged over the global "
+                             f"settings: {problem}")
 
 
 def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
@@ -585,173 +654,18 @@ def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
     `source` prefixes every error message (a file name, a preset name). Raises one InputError for the
     first problem found: unknown key, wrong type or range, or an invalid combination.
     """
-    v = _Validator(source)
     if not isinstance(data, Mapping):
         raise InputError(f"{source}: expected a mapping at the top level, got {show_value(data)}")
-    data = v.mapping(data, [], _TOP_KEYS)
-
-    # model
-    m = _section(v, data, "model", ("path", "dtype"))
-    model = ModelSpec()
-    if "path" in m:
-        model.path = v.string(m["path"], ["model", "path"])
-    if "dtype" in m:
-        model.dtype = v.choice(m["dtype"], ["model", "dtype"], DTYPES)
-
-    # scheme, then explicit weights / activations over it
-    scheme = data.get("scheme")
-    weights = {"bits": WeightSpec.bits, "group_size": WeightSpec.group_size, "balance": WeightSpec.balance}
-    act_bits = ActivationSpec.bits
-    if scheme is not None:
-        if not isinstance(scheme, str):
-            raise v.bad(["scheme"], "null or a scheme such as w4a16 or w2*a8", scheme)
-        parsed, reason = _scheme_problem(scheme)
-        if parsed is None:
-            raise v.fail(["scheme"], f"invalid scheme {show_value(scheme)}: {reason}")
-        scheme = scheme.lower()
-        weights["bits"], weights["balance"], act_bits = parsed
-    if "weights" in data:
-        weights.update(_weight_fields(v, data["weights"], ["weights"]))
-    if "activations" in data:
-        act_bits = _act_fields(v, data["activations"], ["activations"]).get("bits", act_bits)
-
-    kv_raw = _section(v, data, "kv", ("bits",))
-    kv_bits = kv_raw.get("bits")
-    if kv_bits is not None:
-        kv_bits = v.integer(kv_bits, ["kv", "bits"], A_BITS_MIN, A_BITS_MAX)
-
-    ignore = ["lm_head"]
-    if "ignore" in data:
-        ignore = v.string_list(data["ignore"], ["ignore"])
-
-    overrides: dict[str, dict] = {}
-    if "overrides" in data:
-        raw = data["overrides"]
-        if not isinstance(raw, Mapping):
-            raise v.bad(["overrides"], "a mapping of glob pattern -> {weights: ..., activations: ...}", raw)
-        for pattern, entry in raw.items():
-            path = ["overrides", pattern]
-            if not isinstance(pattern, str) or not pattern.strip():
-                raise v.fail(path, "expected a glob pattern over module names (a non-empty string)")
-            e = v.mapping(entry, path, _OVERRIDE_KEYS)
-            norm: dict[str, dict] = {}
-            if "weights" in e:
-                norm["weights"] = _weight_fields(v, e["weights"], [*path, "weights"])
-            if "activations" in e:
-                norm["activations"] = _act_fields(v, e["activations"], [*path, "activations"])
-            overrides[pattern] = norm
-
-    # calibration
-    c = _section(v, data, "calibration", _CALIB_KEYS)
-    calib = CalibrationSpec()
-    cp = ["calibration"]
-    if "method" in c:
-        calib.method = v.choice(c["method"], [*cp, "method"], METHODS)
-    if "dataset" in c:
-        calib.dataset = v.string(c["dataset"], [*cp, "dataset"], "a dataset name or a text file path")
-    for key, hi in (("nsamples", MAX_NSAMPLES), ("seqlen", MAX_SEQLEN), ("batch_size", MAX_BATCH_SIZE)):
-        if key in c:
-            setattr(calib, key, v.integer(c[key], [*cp, key], 1, cap=hi))
-    if "seed" in c:
-        calib.seed = v.integer(c["seed"], [*cp, "seed"], 0, 2**32 - 1)  # numpy / torch seed range
-    if c.get("epochs") is not None:
-        calib.epochs = v.integer(c["epochs"], [*cp, "epochs"], 1, cap=MAX_EPOCHS)
-    if calib.epochs is None:
-        calib.epochs = default_epochs(weights["bits"], act_bits)
-    if "device" in c:
-        dev = c["device"]
-        if not (isinstance(dev, str) and DEVICE_RE.fullmatch(dev)):
-            raise v.bad([*cp, "device"], f"one of: {', '.join(DEVICE_CHOICES)}", dev)
-        calib.device = dev
-
-    if "lwc" in c:
-        p = [*cp, "lwc"]
-        d = v.mapping(c["lwc"], p, ("enabled", "lr", "init"))
-        if "enabled" in d:
-            calib.lwc.enabled = v.boolean(d["enabled"], [*p, "enabled"])
-        if "lr" in d:
-            calib.lwc.lr = v.number(d["lr"], [*p, "lr"], positive=True)
-        if "init" in d:
-            calib.lwc.init = v.number(d["init"], [*p, "init"])
-    if "let" in c:
-        p = [*cp, "let"]
-        d = v.mapping(c["let"], p, ("enabled", "lr", "alpha", "shift"))
-        if "enabled" in d:
-            calib.let.enabled = v.boolean(d["enabled"], [*p, "enabled"])
-        if "lr" in d:
-            calib.let.lr = v.number(d["lr"], [*p, "lr"], positive=True)
-        if "alpha" in d:
-            calib.let.alpha = v.number(d["alpha"], [*p, "alpha"], lo=0.0, hi=1.0)
-        if "shift" in d:
-            shift = d["shift"]
-            if not (isinstance(shift, bool) or shift == "auto"):
-                raise v.bad([*p, "shift"], "auto, true or false", shift)
-            calib.let.shift = shift
-    if "compensation" in c:
-        p = [*cp, "compensation"]
-        d = v.mapping(c["compensation"], p, ("enabled", "first", "last", "lr"))
-        if "enabled" in d:
-            calib.compensation.enabled = v.boolean(d["enabled"], [*p, "enabled"])
-        for key in ("first", "last"):
-            if key in d:
-                setattr(calib.compensation, key, v.integer(d[key], [*p, key], 0, cap=MAX_BLOCKS))
-        if "lr" in d:
-            calib.compensation.lr = v.number(d["lr"], [*p, "lr"], positive=True)
-    if "loss" in c:
-        p = [*cp, "loss"]
-        d = v.mapping(c["loss"], p, ("mse", "cosine", "attention_kl"))
-        for key in ("mse", "cosine", "attention_kl"):
-            if key in d:
-                setattr(calib.loss, key, v.boolean(d[key], [*p, key]))
-
-    o = _section(v, data, "output", ("dir", "formats"))
-    output = OutputSpec()
-    if "dir" in o:
-        output.dir = v.string(o["dir"], ["output", "dir"], "a directory path")
-    if "formats" in o:
-        fmts = o["formats"]
-        expected = f"a non-empty list of: {', '.join(FORMATS)}"
-        if not isinstance(fmts, list) or not fmts:
-            raise v.bad(["output", "formats"], expected, fmts)
-        for i, f in enumerate(fmts):
-            if not (isinstance(f, str) and f in FORMATS):
-                raise v.bad(["output", "formats", i], f"one of: {', '.join(FORMATS)}", f)
-            if f in fmts[:i]:
-                raise v.fail(["output", "formats", i], f"{f!r} is listed twice")
-        output.formats = list(fmts)
-
-    e = _section(v, data, "eval", ("datasets", "seqlen"))
-    ev = EvalSpec()
-    if "datasets" in e:
-        ev.datasets = v.string_list(e["datasets"], ["eval", "datasets"])
-    if "seqlen" in e:
-        ev.seqlen = v.integer(e["seqlen"], ["eval", "seqlen"], 1, cap=MAX_SEQLEN)
-
-    # cross-field checks: the global spec, then each override merged over it on its own
-    key, problem = _effective_problem(weights, act_bits, output.formats)
-    if problem:
-        if key == "balance" and scheme is not None and "balance" not in data.get("weights", {}):
-            problem += f"; balance came from scheme {show_value(scheme)}"
-        raise v.fail(["weights", key], problem)
-    for pattern, entry in overrides.items():
-        w_eff = {**weights, **entry.get("weights", {})}
-        a_eff = entry.get("activations", {}).get("bits", act_bits)
-        key, problem = _effective_problem(w_eff, a_eff, output.formats)
-        if problem:
-            raise v.fail(["overrides", pattern], "merged over the global settings: " + problem)
-
-    return Recipe(
-        model=model,
-        scheme=scheme,
-        weights=WeightSpec(**weights),
-        activations=ActivationSpec(act_bits),
-        kv=KVSpec(kv_bits),
-        ignore=ignore,
-        overrides=overrides,
-        calibration=calib,
-        output=output,
-        eval=ev,
-    )
+    data = dict(data)
+    try:
+        recipe = _RECIPE.validate_python(_with_scheme(data))
+    except ValidationError as err:
+        raise _input_error(err, source) from None
+    _check_combinations(recipe, data.get("weights", {}), source)
+    if recipe.calibration.epochs is None:
+        calibration = dataclasses.replace(recipe.calibration, epochs=recipe.epochs)
+        recipe = dataclasses.replace(recipe, calibration=calibration)
+    return recipe
 
 
 # --------------------------------------------------------------------------------------------------
