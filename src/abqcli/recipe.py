@@ -22,11 +22,13 @@ Per-module settings come from `ignore` (glob patterns left in full precision) an
 pattern -> partial `weights` / `activations` settings, applied in the order written, later ones winning);
 `Recipe.layer_quant(name)` resolves them for one module.
 
-The schema: each section is a frozen pydantic dataclass whose fields have a checked type (`_int`,
-`_number`, `_text`, `_choice`, ...) carrying its bounds and the words of its error message; a new
-option is one field. Strictness sits in those types (`Strict()`), not in the config, because a strict
-config would refuse a mapping for a nested section. Pydantic reports every problem; `_input_error`
-turns the first one, in the order the sections are read, into the one-line message.
+The schema: each section is a frozen pydantic dataclass (constructed by keyword or position, like the
+plain dataclasses it replaces) whose fields have a checked type (`_int`, `_number`, `_text`,
+`_choice`, ...) carrying its bounds and the words of its error message; a new option is one field.
+Strictness sits in those types (`Strict()`), not in the config: a strict config would accept only
+instances, not mappings, for the nested sections. Pydantic reports every problem; `_input_error` turns
+the first one, in the order a reader meets them, into the one-line message. What no single field can
+check (bit balance needs 2 bits; each listed output format's `layer_problem`) is checked after.
 """
 
 from __future__ import annotations
@@ -493,6 +495,7 @@ class Recipe:
         """Plain-data form with every default filled in (epochs resolved); `dump_recipe` writes it.
 
         `kv.bits` and `weights.group_size` stay null when null: there null is a setting, not a gap.
+        Pydantic's dump (`model_dump` for a dataclass): keys in schema order, overrides as written.
         """
         data = _RECIPE.dump_python(self)
         data["calibration"]["epochs"] = self.epochs
