@@ -129,12 +129,12 @@ def _eval_recipe(recipe: str | None, scheme: str | None, group_size: int | None,
         raise InputError("give either --recipe or --scheme, not both")
     if group_size is not None and not scheme:
         raise InputError("--group-size goes with --scheme")
+    # eval only fake-quantizes: it writes no format, so no format's layer rule applies
     if scheme:
         extra = [f"weights.group_size={group_size}"] if group_size is not None else []
-        # eval only fake-quantizes: no packed output, so any group size is allowed
-        return load_recipe(scheme, ["output.formats=[hf-fakequant]", *extra, *sets])
+        return load_recipe(scheme, [*extra, *sets], for_export=False)
     if recipe:
-        return load_recipe(recipe, sets)
+        return load_recipe(recipe, sets, for_export=False)
     if sets:
         raise InputError("--set needs --recipe or --scheme")
     return None

@@ -637,25 +637,28 @@ def _layer_problem(quant: LayerQuant, formats: Sequence[str]) -> tuple[str, str]
     return "", ""
 
 
-def _check_combinations(recipe: Recipe, written_weights: Mapping, source: str) -> None:
-    """The global scheme, then each override merged over it on its own, must be usable."""
-    key, problem = _layer_problem(recipe._merged([]), recipe.output.formats)
+def _check_combinations(recipe: Recipe, written_weights: Mapping, source: str, formats: Sequence[str]) -> None:
+    """The global scheme, then each override merged over it on its own, must be usable (and each of
+    `formats` able to hold it)."""
+    key, problem = _layer_problem(recipe._merged([]), formats)
     if problem:
         if key == "balance" and recipe.scheme is not None and "balance" not in written_weights:
             problem += f"; balance came from scheme {show_value(recipe.scheme)}"
         raise InputError(f"{source}: weights.{key}: {problem}")
     for pattern in recipe.overrides:
-        _, problem = _layer_problem(recipe._merged([pattern]), recipe.output.formats)
+        _, problem = _layer_problem(recipe._merged([pattern]), formats)
         if problem:
             raise InputError(f"{source}: {_fmt_path(['overrides', pattern])}: merged over the global "
                              f"settings: {problem}")
 
 
-def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
+def recipe_from_dict(data: object, source: str = "recipe", for_export: bool = True) -> Recipe:
     """Validate parsed recipe data and build a `Recipe` with every default filled in.
 
     `source` prefixes every error message (a file name, a preset name). Raises one InputError for the
-    first problem found: unknown key, wrong type or range, or an invalid combination.
+    first problem found: unknown key, wrong type or range, or an invalid combination. `for_export=False`
+    is for a recipe that only fake-quantizes (`abq eval`): it writes no output, so no format's
+    `layer_problem` applies to it.
     """
     if not isinstance(data, Mapping):
         raise InputError(f"{source}: expected a mapping at the top level, got {show_value(data)}")
@@ -664,7 +667,7 @@ def recipe_from_dict(data: object, source: str = "recipe") -> Recipe:
         recipe = _RECIPE.validate_python(_with_scheme(data))
     except ValidationError as err:
         raise _input_error(err, source) from None
-    _check_combinations(recipe, data.get("weights", {}), source)
+    _check_combinations(recipe, data.get("weights", {}), source, recipe.output.formats if for_export else ())
     if recipe.calibration.epochs is None:
         calibration = dataclasses.replace(recipe.calibration, epochs=recipe.epochs)
         recipe = dataclasses.replace(recipe, calibration=calibration)
@@ -757,9 +760,9 @@ def _looks_like_path(spec: str) -> bool:
     return "/" in spec or "\\" in spec or spec.lower().endswith((".yaml", ".yml"))
 
 
-def load_recipe(spec: str, sets: Sequence[str] = ()) -> Recipe:
+def load_recipe(spec: str, sets: Sequence[str] = (), for_export: bool = True) -> Recipe:
     """Load a recipe from a preset name (`w4a4`, `W2*A8`; see `PRESETS`) or a YAML file path, apply
-    `--set key.path=value` items (`apply_sets`), validate (`recipe_from_dict`).
+    `--set key.path=value` items (`apply_sets`), validate (`recipe_from_dict`, with `for_export`).
 
     Every problem (missing file, YAML syntax with its line, non-mapping document, invalid field) is one
     InputError whose message starts with the file or preset name.
@@ -768,7 +771,7 @@ def load_recipe(spec: str, sets: Sequence[str] = ()) -> Recipe:
         raise InputError(f"recipe: expected a preset name or a YAML file path, got {show_value(spec)}")
     key = spec.strip().lower()
     if key in PRESETS and not _looks_like_path(spec):
-        return recipe_from_dict(apply_sets({"scheme": key}, sets), source=f"preset {key}")
+        return recipe_from_dict(apply_sets({"scheme": key}, sets), f"preset {key}", for_export)
 
     path = Path(spec)
     if not path.exists():
@@ -790,7 +793,7 @@ def load_recipe(spec: str, sets: Sequence[str] = ()) -> Recipe:
         raise InputError(f"{spec}: the recipe is empty (expected a mapping such as 'scheme: w4a16')")
     if not isinstance(data, dict):
         raise InputError(f"{spec}: expected a mapping at the top level, got {show_value(data)}")
-    return recipe_from_dict(apply_sets(data, sets), source=spec)
+    return recipe_from_dict(apply_sets(data, sets), spec, for_export)
 
 
 def apply_sets(data: dict, sets: Sequence[str]) -> dict:
