@@ -23,7 +23,7 @@ from abqcli.formats.manifest import layer_quant_from_meta, read_manifest
 from abqcli.pipeline import CHECKPOINT_DIR, run_quantize
 from abqcli.quant.calibrate import Progress
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, BlockLog
-from abqcli.quant.quantizer import QuantizedWeight, fake_quantize_weight
+from abqcli.quant.quantizer import QuantizedWeight, fake_quantize_weight, quantize_weight
 from abqcli.recipe import load_recipe
 
 LINEARS = {
@@ -40,13 +40,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_recipe(path: Path, model: Path, text: Path, out: Path, scheme: str = "w4a4", extra: str = "",
-                method: str = "abq", epochs: int = 3):
+                method: str = "abq", epochs: int = 3, rounding: str | None = None):
+    rounding_key = f"rounding: {rounding}, learned: {{lr: 0.1}}, " if rounding else ""
     path.write_text(
         f"model: {{path: {model}}}\n"
         f"scheme: {scheme}\n"
         f"{extra}\n"
-        f"calibration: {{method: {method}, dataset: {text}, nsamples: 4, seqlen: 32, epochs: {epochs}, "
-        f"batch_size: 2, device: cpu}}\n"
+        f"calibration: {{method: {method}, {rounding_key}dataset: {text}, nsamples: 4, seqlen: 32, "
+        f"epochs: {epochs}, batch_size: 2, device: cpu}}\n"
         f"output: {{dir: {out}, formats: [hf-fakequant]}}\n"
     )
     return load_recipe(str(path))
@@ -59,13 +60,14 @@ class Runs:
         self.root, self.models, self.text = root, models, text
         self.done: dict[tuple, tuple[Path, dict]] = {}
 
-    def get(self, model: str, scheme: str = "w4a4", extra: str = "", method: str = "abq") -> tuple[Path, dict]:
-        key = (model, scheme, extra, method)
+    def get(self, model: str, scheme: str = "w4a4", extra: str = "", method: str = "abq",
+            rounding: str | None = None) -> tuple[Path, dict]:
+        key = (model, scheme, extra, method, rounding)
         if key not in self.done:
             work = self.root / f"run{len(self.done)}"
             work.mkdir()
             recipe = make_recipe(work / "recipe.yaml", self.models[model], self.text, work / "out", scheme,
-                                 extra, method)
+                                 extra, method, rounding=rounding)
             summary = run_quantize(recipe)
             self.done[key] = (work / "out", summary)
         return self.done[key]
@@ -93,16 +95,21 @@ FOLD_CASES = [
     ("llama", "w4a4", ""),
     ("opt", "w4a4", ""),  # LET with shifts (OPT W-A), biases, compensation on fc2
     ("qwen2", "w3a16", "weights: {group_size: 48}"),  # groups, partial last group (64 = 48 + 16)
+    ("qwen2", "w3a16", "weights: {group_size: 48}", "abq", "gptq"),  # LET/LWC, then GPTQ rounding
+    ("opt", "w4a4", "", "abq", "learned"),  # learned rounding offsets with LET shifts
+    ("llama", "w4a16", "weights: {group_size: 48}", "gptq"),  # GPTQ alone
 ]
+FOLD_IDS = ["llama-w4a4", "opt-w4a4", "qwen2-w3a16g48", "qwen2-w3a16g48-gptq-rounding", "opt-w4a4-learned",
+            "llama-w4a16g48-gptq"]
 
 
-@pytest.mark.parametrize("case", FOLD_CASES, ids=["llama-w4a4", "opt-w4a4", "qwen2-w3a16g48"])
+@pytest.mark.parametrize("case", FOLD_CASES, ids=FOLD_IDS)
 def test_saved_weights_equal_dequantized_integer_state(runs, case):
     out, _ = runs.get(*case)
     fq = out / "hf-fakequant"
     weights = load_file(str(fq / "model.safetensors"))
     states = saved_states(fq)
-    model, scheme, _ = case
+    model, scheme = case[:2]
     expected = {f"{PREFIX[model]}.{i}.{rel}" for i in range(2) for rel in LINEARS[model]}
     assert set(states) == expected
     for name, state in states.items():
@@ -151,6 +158,35 @@ def test_rtn_is_plain_round_to_nearest_of_the_original(runs, tiny_llama):
             assert torch.equal(tensor, states[module].dequantize())
         else:  # norms, embeddings, lm_head: untouched (no LET with rtn)
             assert torch.equal(tensor, original[name]), name
+
+
+def test_learned_rounding_moves_codes_by_at_most_one_step(tmp_path, tiny_llama, tiny_text_file):
+    """With LET, LWC and compensation off the folded weight is the original one: learned rounding may only choose the
+    other neighbour of round-to-nearest (offsets in [-1/2, 1/2]), and with a high lr it does."""
+    recipe = make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out", "w4a16",
+                         "weights: {group_size: 48}", rounding="learned", epochs=4)
+    recipe = load_recipe(str(tmp_path / "r.yaml"), ["calibration.let.enabled=false", "calibration.lwc.enabled=false",
+                                                  "calibration.compensation.enabled=false"])
+    run_quantize(recipe)
+    original = load_file(str(tiny_llama / "model.safetensors"))
+    moved = 0
+    for name, state in saved_states(tmp_path / "out" / "hf-fakequant").items():
+        nearest = quantize_weight(original[f"{name}.weight"], state.spec)
+        assert torch.equal(state.scale, nearest.scale) and torch.equal(state.zero, nearest.zero)
+        step = (state.codes.int() - nearest.codes.int()).abs()
+        assert int(step.max()) <= 1, name
+        moved += int(step.sum())
+    assert moved > 0
+
+
+def test_a_rounding_the_method_cannot_run_is_refused_before_loading(tmp_path, tiny_llama, tiny_text_file):
+    for method, rounding, advice in [("rtn", "gptq", "method: abq or gptq"), ("gptq", "learned", "method: abq"),
+                                     ("gptq", "nearest", "method: abq or rtn")]:
+        recipe = make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out", method=method,
+                             rounding=rounding)
+        with pytest.raises(InputError, match=f"calibration.rounding: method {method} .* not {rounding}.*{advice}"):
+            run_quantize(recipe)
+        assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------ the log

@@ -289,4 +289,4 @@ def test_quantize_numbers_blocks_from_one_out_of_n(workdir, tiny_llama, tiny_tex
     assert abq(workdir, "quantize", recipe, "--set", "calibration.method=rtn") == 0
     blocks = [line for line in capsys.readouterr().err.splitlines() if line.startswith("block ")]
     assert [line.split(":")[0] for line in blocks] == ["block 1/2", "block 1/2", "block 2/2", "block 2/2"]
-    assert blocks[0] == "block 1/2: rounding" and blocks[1].startswith("block 1/2: rtn, ")
+    assert blocks[0] == "block 1/2: rounding" and blocks[1].startswith("block 1/2: rounded, ")

@@ -38,6 +38,7 @@ calibration:
   lwc: {{lr: 5.0e-2}}
   let: {{lr: 1.0e-2}}
   compensation: {{lr: 1.0e-3}}
+{calibration}
 output: {{dir: out, formats: [hf-fakequant]}}
 """
 
@@ -55,10 +56,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_recipe(workdir: Path, model: Path, text: Path, scheme: str = "w4a4", extra: str = "",
-                 batch_size: int = 4) -> Path:
+                 batch_size: int = 4, calibration: str = "") -> Path:
+    """The recipe above; `calibration`: more keys of the calibration section, e.g. "rounding: gptq"."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "recipe.yaml"
-    path.write_text(RECIPE.format(model=model, scheme=scheme, extra=extra, text=text, batch_size=batch_size))
+    lines = "".join(f"  {line}\n" for line in calibration.split("\n") if line)
+    path.write_text(RECIPE.format(model=model, scheme=scheme, extra=extra, text=text, batch_size=batch_size,
+                                  calibration=lines.rstrip("\n")))
     return path
 
 
@@ -107,11 +111,11 @@ class Runs:
     def recipe(self, workdir: Path, model: str, scheme: str = "w4a4", extra: str = "", **kw) -> Path:
         return write_recipe(workdir, self.models[model], self.text, scheme, extra, **kw)
 
-    def get(self, model: str, scheme: str = "w4a4", extra: str = "") -> Path:
-        key = (model, scheme, extra)
+    def get(self, model: str, scheme: str = "w4a4", extra: str = "", calibration: str = "") -> Path:
+        key = (model, scheme, extra, calibration)
         if key not in self.done:
             work = self.root / f"run{len(self.done)}"
-            rc = abq(work, "quantize", self.recipe(work, model, scheme, extra))
+            rc = abq(work, "quantize", self.recipe(work, model, scheme, extra, calibration=calibration))
             assert rc == 0
             self.done[key] = work / "out"
         return self.done[key]
@@ -248,9 +252,15 @@ def test_ctrl_c_exits_130_and_says_to_resume(runs, tmp_path, monkeypatch, capsys
     assert rc == 130
 
 
-def test_interrupt_then_resume_is_byte_identical(runs, tmp_path, monkeypatch, capsys):
-    reference = runs.get("llama")
-    recipe = runs.recipe(tmp_path, "llama")
+# every rounding mode: ABQ with nearest (the default), GPTQ and learned rounding, and the gptq method
+ROUNDINGS = ["", "rounding: gptq", "rounding: learned", "method: gptq"]
+ROUNDING_IDS = ["abq-nearest", "abq-gptq", "abq-learned", "gptq"]
+
+
+@pytest.mark.parametrize("calibration", ROUNDINGS, ids=ROUNDING_IDS)
+def test_interrupt_then_resume_is_byte_identical(runs, tmp_path, monkeypatch, capsys, calibration):
+    reference = runs.get("llama", calibration=calibration)
+    recipe = runs.recipe(tmp_path, "llama", calibration=calibration)
     out = tmp_path / "out"
     capsys.readouterr()
     with monkeypatch.context() as patch:

@@ -204,7 +204,7 @@ class RichCalibrationProgress:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
-        loss = "rtn" if log.loss_first is None else f"loss {log.loss_first:.5f} -> {log.loss_last:.5f}"
+        loss = "rounded" if log.loss_first is None else f"loss {log.loss_first:.5f} -> {log.loss_last:.5f}"
         self.progress.console.print(f"{self._name(log.block)}: {loss}, {log.seconds:.1f} s, "
                                     f"peak {log.peak_memory_mb:.0f} MB", markup=False, highlight=False)
 

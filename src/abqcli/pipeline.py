@@ -42,7 +42,7 @@ from abqcli.outputs import (
 from abqcli.quant.calibrate import CalibrationResult, Calibrator, Progress
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
-from abqcli.recipe_checks import check_loss_terms, check_recipe_fits
+from abqcli.recipe_checks import check_loss_terms, check_recipe_fits, check_rounding
 from abqcli.registry import FORMATS
 
 QUANT_LOG = "quant_log.json"
@@ -214,6 +214,7 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     its quant_log is the summary). Ctrl-C is re-raised as QuantizeInterrupted."""
     out_dir = resolve_output(Path(recipe.output.dir), model_inputs(recipe.model.path))
     check_loss_terms(recipe)
+    check_rounding(recipe)
     resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output is touched
     notify = notify or (lambda line: None)
     counting = _CountingProgress(progress or Progress())

@@ -59,15 +59,18 @@ __all__ = [
     "DEVICE_CHOICES",
     "DTYPES",
     "PRESETS",
+    "ROUNDINGS",
     "ActivationSpec",
     "CalibrationSpec",
     "CompensationSpec",
     "EvalSpec",
+    "GptqSpec",
     "KVSpec",
     "LETSpec",
     "LWCSpec",
     "LayerOverride",
     "LayerQuant",
+    "LearnedRoundingSpec",
     "LossSpec",
     "ModelSpec",
     "OutputSpec",
@@ -84,6 +87,7 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "float16", "bfloat16")
+ROUNDINGS = ("nearest", "gptq", "learned")  # calibration.rounding: how a (folded) weight becomes codes
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -382,10 +386,29 @@ class LossSpec:
 
 
 @dataclass(config=_SECTION)
+class GptqSpec:
+    """GPTQ rounding (`rounding: gptq`, `abqcli.quant.gptq`): dampening λ (a fraction of mean diag H),
+    act-order (columns by decreasing diag H, with static groups) and the columns per lazy-update block."""
+
+    damp: _number("a number above 0, up to 1", gt=0.0, le=1.0) = 0.01
+    act_order: Flag = True
+    block_size: _int(1, cap=MAX_GROUP_SIZE) = 128
+
+
+@dataclass(config=_SECTION)
+class LearnedRoundingSpec:
+    """Learned rounding (`rounding: learned`): the learning rate of the per-weight offsets in [−½, ½]."""
+
+    lr: Rate = 5e-3
+
+
+@dataclass(config=_SECTION)
 class CalibrationSpec:
-    """The calibration run. `epochs` None = the scheme's reference default (see `default_epochs`)."""
+    """The calibration run. `epochs` None = the scheme's reference default (see `default_epochs`);
+    `rounding` None = the method's own (`abq`, `rtn`: nearest; `gptq`: gptq)."""
 
     method: _choice(METHODS.names()) = "abq"  # abqcli.registry.METHODS
+    rounding: _choice(ROUNDINGS) | None = None
     dataset: _text("a dataset name or a text file path") = "wikitext2"  # name or path to a text file
     nsamples: _int(1, cap=MAX_NSAMPLES) = 128
     seqlen: _int(1, cap=MAX_SEQLEN) = 2048
@@ -396,6 +419,8 @@ class CalibrationSpec:
     let: LETSpec = Field(default_factory=LETSpec)
     compensation: CompensationSpec = Field(default_factory=CompensationSpec)
     loss: LossSpec = Field(default_factory=LossSpec)
+    gptq: GptqSpec = Field(default_factory=GptqSpec)
+    learned: LearnedRoundingSpec = Field(default_factory=LearnedRoundingSpec)
     device: Annotated[str, Strict(), _check(DEVICE_RE.fullmatch),
                       _expect(f"one of: {', '.join(DEVICE_CHOICES)}")] = "auto"
 

@@ -22,6 +22,18 @@ def check_loss_terms(recipe: Recipe) -> None:
                          "or use calibration.method: rtn")
 
 
+def check_rounding(recipe: Recipe) -> None:
+    """`calibration.rounding` must be one the method runs (learned rounding needs a method that trains)."""
+    cal = recipe.calibration
+    method = METHODS.load(cal.method)
+    rounding = method.rounding_of(recipe)
+    if rounding not in method.roundings:
+        choices = ", ".join(method.roundings)
+        trains = [name for name in METHODS.names() if rounding in METHODS.load(name).roundings]
+        raise InputError(f"calibration.rounding: method {cal.method} rounds with {choices}, not {rounding}; "
+                         f"use calibration.method: {' or '.join(trains)} for {rounding} rounding")
+
+
 def check_group_sizes(recipe: Recipe, model, adapter) -> None:
     """A weight group larger than a quantized linear's input size is a recipe error (before any output)."""
     for index, block in enumerate(adapter.blocks(model)):

@@ -37,6 +37,7 @@ class Registry:
 # calibration.method -> a CalibrationMethod class (abqcli/quant/methods/)
 METHODS = Registry("calibration method", {
     "abq": "abqcli.quant.methods.abq:AbqMethod",
+    "gptq": "abqcli.quant.methods.gptq:GptqMethod",
     "rtn": "abqcli.quant.methods.rtn:RtnMethod",
 })
 

@@ -9,7 +9,9 @@
 Weights get one (s, z) per output row, or per row and group of `group_size` input columns (the last
 group may be partial). Activations get one (s, z) per token, over the last dimension, computed on the
 fly. In training, rounding passes gradients straight through (STE) and LWC scales the range with two
-learnable factors per quantization row: `xmax' = σ(u)·xmax`, `xmin' = σ(l)·xmin`.
+learnable factors per quantization row: `xmax' = σ(u)·xmax`, `xmin' = σ(l)·xmin`. Learned rounding
+(AutoRound-style) adds a learnable offset v ∈ [−½, ½] per weight inside the rounding:
+`q = clamp(round(x / s + v) + z, 0, qmax)`, so training can move each weight to its other neighbour.
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, qmax: int) -> tuple[to
     return scale, zero
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integer codes in [0, qmax] (as floats, STE through the rounding)."""
-    return torch.clamp(round_ste(x / scale) + zero, 0, qmax)
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
+             offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes in [0, qmax] (as floats, STE through the rounding); `offset`: learned rounding."""
+    t = x / scale if offset is None else x / scale + offset
+    return torch.clamp(round_ste(t) + zero, 0, qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -120,13 +124,18 @@ def _apply_grouped(w: torch.Tensor, spec: WeightQuantSpec, fn) -> torch.Tensor:
     return fn(wg).reshape(n, -1)[:, :k]
 
 
+def _grouped_offset(offset: torch.Tensor | None, spec: WeightQuantSpec) -> torch.Tensor | None:
+    return None if offset is None else _grouped(offset, spec.group_size)
+
+
 def fake_quantize_weight(
-    w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None
+    w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Quantize and dequantize a [N, K] weight (differentiable: STE and LWC)."""
+    """Quantize and dequantize a [N, K] weight (differentiable: STE, LWC and the rounding offset [N, K])."""
     scale, zero = weight_qparams(w, spec, lwc)
-    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    return _apply_grouped(w, spec, lambda wg: dequantize(quantize(wg, s, z, spec.qmax), s, z))
+    s, z, v = scale.unsqueeze(-1), zero.unsqueeze(-1), _grouped_offset(offset, spec)
+    return _apply_grouped(w, spec, lambda wg: dequantize(quantize(wg, s, z, spec.qmax, v), s, z))
 
 
 @dataclass(frozen=True)
@@ -182,13 +191,15 @@ class CentredWeight:
 
 @torch.no_grad()
 def quantize_weight(
-    w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None
+    w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Integer codes and (scale, zero) of a [N, K] weight, computed in float32."""
     w = w.float()
     scale, zero = weight_qparams(w, spec, lwc)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    codes = _apply_grouped(w, spec, lambda wg: quantize(wg, s, z, spec.qmax))
+    v = _grouped_offset(None if offset is None else offset.float(), spec)
+    codes = _apply_grouped(w, spec, lambda wg: quantize(wg, s, z, spec.qmax, v))
     return QuantizedWeight(codes.to(torch.uint8), scale.float(), zero.float(), spec)
 
 

@@ -10,11 +10,17 @@ loaded instead) it makes one `BlockContext` and calls, in this order:
     method.train(ctx, on_step) -> Training # optional; on_step(epoch, step, loss) after every step
     method.fold(ctx) -> {linear: QuantizedWeight}   # writes the dequantized weights into ctx.qblock
 
-`fold` quantizes every linear through `round_weight`: a method that only rounds differently (GPTQ)
-overrides `prepare` (to gather what it needs from `ctx`) and `round_weight`; a method that trains
-overrides `train`, and `folded_params` when it transforms the block before rounding. A new method is one
-module in this package plus one line in `registry.METHODS`; a variant of abq (learned rounding)
-subclasses `abq.AbqMethod` and extends `param_groups`, `quantized_params` and `round_weight`.
+`fold` writes the folded parameters into ctx.qblock, then turns every linear's weight into codes with
+the recipe's `calibration.rounding` (`rounding`; None = the method's `default_rounding`):
+
+    nearest   round to nearest (`quantize_weight`) with the method's clipping (`clipping(name)`: LWC);
+    gptq      GPTQ (`abqcli.quant.gptq`): the Hessian of every linear is accumulated on the folded block
+              run on the quantized-chain input (the inputs the layer really sees), then each weight is
+              rounded column by column with inverse-Hessian error feedback, on the same clipped grid;
+    learned   round to nearest after a learned per-weight offset (`rounding_offset(name)`; abq trains it).
+
+A method that trains overrides `train`, and `folded_params` when it transforms the block before rounding.
+A new method is one module in this package plus one line in `registry.METHODS`.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ from torch import nn
 
 from abqcli.models.adapters import Adapter
 from abqcli.quant.fakequant import QuantLinear
+from abqcli.quant.gptq import collect_hessians, gptq_quantize
 from abqcli.quant.quantizer import QuantizedWeight, quantize_weight
 from abqcli.recipe import Recipe
+
+NEAREST, GPTQ, LEARNED = "nearest", "gptq", "learned"  # calibration.rounding (recipe.ROUNDINGS)
 
 StepCallback = Callable[[int, int, float], None]  # (epoch, step, loss), both counted from 0
 
@@ -104,14 +113,23 @@ class CalibrationMethod:
     """Base of every calibration method (see the module docstring for the order of the calls). One
     instance serves a whole run; `prepare` starts a block and replaces the previous block's state.
 
-    needs_loss: it trains on `calibration.loss`, so a recipe with every loss term off is refused
-                (`abqcli.recipe_checks.check_loss_terms`).
+    needs_loss:       it trains on `calibration.loss`, so a recipe with every loss term off is refused
+                      (`abqcli.recipe_checks.check_loss_terms`);
+    default_rounding: the rounding when the recipe leaves `calibration.rounding` empty;
+    roundings:        the roundings it can run (others are refused before loading the model).
     """
 
     needs_loss: ClassVar[bool] = False
+    default_rounding: ClassVar[str] = NEAREST
+    roundings: ClassVar[tuple[str, ...]] = (NEAREST, GPTQ)
 
     def __init__(self, recipe: Recipe, adapter: Adapter):
         self.recipe, self.adapter = recipe, adapter
+        self.rounding = self.rounding_of(recipe)
+
+    @classmethod
+    def rounding_of(cls, recipe: Recipe) -> str:
+        return recipe.calibration.rounding or cls.default_rounding
 
     def prepare(self, ctx: BlockContext) -> None:
         """Set up this block's state (nothing by default)."""
@@ -126,22 +144,37 @@ class CalibrationMethod:
         """New values of block parameters (by `named_parameters()` name) to fold before rounding."""
         return {}
 
-    def round_weight(self, ctx: BlockContext, name: str, weight: torch.Tensor) -> QuantizedWeight:
-        """The integer state of linear `name` (relative to the block) from its (folded) float weight:
-        round to nearest with its recipe spec."""
-        return quantize_weight(weight, ctx.qlinears[name].quant.weight)
+    def clipping(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """LWC logits (upper, lower) of linear `name`, or None: the full range of each group."""
+        return None
+
+    def rounding_offset(self, name: str) -> torch.Tensor | None:
+        """The learned rounding offset of linear `name` ([N, K] in [-1/2, 1/2]), or None."""
+        return None
+
+    def round_weight(self, ctx: BlockContext, name: str, weight: torch.Tensor,
+                     hessian: torch.Tensor | None = None) -> QuantizedWeight:
+        """The integer state of linear `name` (relative to the block) from its folded float weight: GPTQ
+        when a Hessian is given, else round to nearest (after the learned offset, if any)."""
+        spec = ctx.qlinears[name].quant.weight
+        if hessian is not None:
+            g = self.recipe.calibration.gptq
+            return gptq_quantize(weight, hessian, spec, self.clipping(name), g.damp, g.act_order, g.block_size)
+        return quantize_weight(weight, spec, self.clipping(name), self.rounding_offset(name))
 
     @torch.no_grad()
     def fold(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        """Write the folded parameters and every quantized linear's dequantized weight into ctx.qblock;
-        return the integer states (what the checkpoint and the exports keep)."""
-        params = dict(self.folded_params(ctx))
+        """Write the folded parameters and then every quantized linear's dequantized weight into
+        ctx.qblock; return the integer states (what the checkpoint and the exports keep)."""
         named = dict(ctx.qblock.named_parameters())
+        for key, value in self.folded_params(ctx).items():
+            named[key].copy_(value.to(named[key].dtype))
+        hessians = {}
+        if self.rounding == GPTQ:
+            hessians = collect_hessians(ctx.qlinears, lambda: ctx.run(ctx.qblock, ctx.q_in))
         states: dict[str, QuantizedWeight] = {}
         for rel, lin in ctx.qlinears.items():
-            key = f"{rel}.weight"
-            states[rel] = self.round_weight(ctx, rel, params.get(key, lin.weight))
-            params[key] = states[rel].dequantize()
-        for key, value in params.items():
-            named[key].copy_(value.to(named[key].dtype))
+            states[rel] = self.round_weight(ctx, rel, lin.weight, hessians.get(rel))
+        for rel, lin in ctx.qlinears.items():
+            lin.weight.copy_(states[rel].dequantize().to(lin.weight.dtype))
         return states

@@ -6,7 +6,9 @@ prepare: LET scales/shifts and compensation vectors (`BlockTransform`, scales in
 train:   AdamW over `epochs` passes of the calibration batches on `loss.block_loss` of the quantized block
          on the quantized-chain input against Y_1 (FP block, FP-chain input) and Y_2 (FP block,
          quantized-chain input);
-fold:    LET and compensation folded into the weights, then rounding with the learned LWC clipping.
+fold:    LET and compensation folded into the weights, then rounding on the learned LWC clipping:
+         nearest, GPTQ, or (`rounding: learned`) nearest after a per-weight offset v ∈ [−½, ½] trained
+         with the rest (AutoRound's idea, on ABQ's loss: Adam on v, clamped to [−½, ½] after each step).
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ from torch.func import functional_call
 
 from abqcli.models.adapters import Adapter
 from abqcli.quant.loss import block_loss
-from abqcli.quant.methods import BlockContext, CalibrationMethod, NonFiniteLoss, StepCallback, Training
-from abqcli.quant.quantizer import FP_BITS, QuantizedWeight, fake_quantize_weight, quantize_weight
+from abqcli.quant.methods import (
+    GPTQ,
+    LEARNED,
+    NEAREST,
+    BlockContext,
+    CalibrationMethod,
+    NonFiniteLoss,
+    StepCallback,
+    Training,
+)
+from abqcli.quant.quantizer import FP_BITS, QuantizedWeight, fake_quantize_weight
 from abqcli.quant.transforms import BlockTransform, collect_activation_stats
 from abqcli.recipe import Recipe
 
@@ -48,6 +59,7 @@ class AbqMethod(CalibrationMethod):
     """Trains the block's LET / compensation / LWC parameters, then folds and rounds with them."""
 
     needs_loss = True
+    roundings = (NEAREST, GPTQ, LEARNED)
 
     def __init__(self, recipe: Recipe, adapter: Adapter):
         super().__init__(recipe, adapter)
@@ -57,6 +69,7 @@ class AbqMethod(CalibrationMethod):
         )
         self.transform: BlockTransform | None = None
         self.lwc: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+        self.offsets: dict[str, nn.Parameter] = {}
 
     def prepare(self, ctx: BlockContext) -> None:
         cal = self.recipe.calibration
@@ -76,6 +89,10 @@ class AbqMethod(CalibrationMethod):
                 shape = (lin.out_features, lin.quant.weight.num_groups(lin.in_features))
                 init = torch.full(shape, cal.lwc.init, device=lin.weight.device)
                 self.lwc[rel] = (nn.Parameter(init.clone()), nn.Parameter(init.clone()))
+        self.offsets = {}
+        if self.rounding == LEARNED:
+            self.offsets = {rel: nn.Parameter(torch.zeros_like(lin.weight, dtype=torch.float32))
+                            for rel, lin in ctx.qlinears.items()}
 
     def steps(self, ctx: BlockContext) -> int:
         return self.recipe.epochs * len(ctx.batches())
@@ -87,6 +104,7 @@ class AbqMethod(CalibrationMethod):
             {"params": self.transform.let_parameters(), "lr": cal.let.lr},
             {"params": [p for pair in self.lwc.values() for p in pair], "lr": cal.lwc.lr},
             {"params": self.transform.compensation_parameters(), "lr": cal.compensation.lr},
+            {"params": list(self.offsets.values()), "lr": cal.learned.lr},
         ]
 
     def train(self, ctx: BlockContext, on_step: StepCallback) -> Training:
@@ -108,9 +126,15 @@ class AbqMethod(CalibrationMethod):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                self._clamp_offsets()
                 epoch_losses[-1].append(loss.item())
                 on_step(epoch, step, loss.item())
         return Training(_mean(epoch_losses[0]), _mean(epoch_losses[-1]), terms)
+
+    @torch.no_grad()
+    def _clamp_offsets(self) -> None:
+        for offset in self.offsets.values():
+            offset.clamp_(-0.5, 0.5)
 
     def _teacher_probs(self, ctx: BlockContext) -> list[torch.Tensor] | None:
         """P_1 for every batch, kept when small (heads are averaged: nsamples * T^2 floats), else None
@@ -127,7 +151,8 @@ class AbqMethod(CalibrationMethod):
         params = dict(self.transform.transformed_params())
         for rel, lin in ctx.qlinears.items():
             key = f"{rel}.weight"
-            params[key] = fake_quantize_weight(params.get(key, lin.weight), lin.quant.weight, self.lwc.get(rel))
+            params[key] = fake_quantize_weight(params.get(key, lin.weight), lin.quant.weight, self.lwc.get(rel),
+                                               self.offsets.get(rel))
         return params
 
     def _loss(self, ctx: BlockContext, b: slice, fp_on_q: torch.Tensor, p_1: torch.Tensor | None):
@@ -148,10 +173,13 @@ class AbqMethod(CalibrationMethod):
     def folded_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         return self.transform.transformed_params()
 
-    def round_weight(self, ctx: BlockContext, name: str, weight: torch.Tensor) -> QuantizedWeight:
-        return quantize_weight(weight, ctx.qlinears[name].quant.weight, self.lwc.get(name))
+    def clipping(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.lwc.get(name)
+
+    def rounding_offset(self, name: str) -> torch.Tensor | None:
+        return self.offsets.get(name)
 
     def fold(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         states = super().fold(ctx)
-        self.transform, self.lwc = None, {}  # the block is done: free its learnable tensors
+        self.transform, self.lwc, self.offsets = None, {}, {}  # the block is done: free its learnable tensors
         return states

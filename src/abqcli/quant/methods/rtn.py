@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from abqcli.quant.methods import CalibrationMethod
+from abqcli.quant.methods import NEAREST, CalibrationMethod
 
 
 class RtnMethod(CalibrationMethod):
     """Round to nearest: the base class's `fold` with nothing to prepare or train."""
+
+    roundings = (NEAREST,)
