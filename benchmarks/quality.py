@@ -5,6 +5,10 @@ A benchmark script, not a test: it measures and writes numbers.
     python benchmarks/quality.py --data-dir ../shared/data                 # the full protocol
     python benchmarks/quality.py --schemes W4A4 --limit 4 --ablation none  # a quick look
     python benchmarks/quality.py --schemes W4A8 --ablation none --merge   # add a row to quality.json
+    python benchmarks/quality.py --schemes W3A16g128 --rows gptq,abq+gptq --ablation none --merge
+
+Rows per scheme (--rows): `recipe` (the recipe as written) and the rounding variants of VARIANTS (the
+same recipe with another method or rounding); RTN is evaluated for every scheme (or reused with --merge).
 
 Each ABQ calibration runs `abq quantize` in a subprocess (so its peak RSS is its own), from the
 `configs/smollm2-*.yaml` recipes (calibration budget overridable with --nsamples/--seqlen/--epochs).
@@ -32,7 +36,16 @@ SCHEMES = {  # name -> recipe file
     "W4A4": "configs/smollm2-w4a4.yaml",
     "W2*A8": "configs/smollm2-w2star-a8.yaml",
     "W2*A8g128": "configs/smollm2-w2star-a8-g128.yaml",  # not in the issue's list: per-channel W2* is hopeless here
+    "W4A16": "configs/smollm2-w4a16.yaml",
+    "W3A16": "configs/smollm2-w3a16.yaml",
 }
+VARIANTS = {  # row name -> recipe overrides: how the same recipe rounds its weights
+    "gptq": ["calibration.method=gptq"],  # GPTQ alone, no training
+    "abq+nearest": ["calibration.method=abq", "calibration.rounding=nearest"],
+    "abq+gptq": ["calibration.method=abq", "calibration.rounding=gptq"],
+    "abq+learned": ["calibration.method=abq", "calibration.rounding=learned"],
+}
+RECIPE_ROW = "recipe"
 ABLATIONS = {  # name -> recipe overrides, applied to W4A4
     "no MSE": ["calibration.loss.mse=false"],
     "no cosine": ["calibration.loss.cosine=false"],
@@ -92,9 +105,12 @@ def markdown(results: dict) -> str:
              "| scheme | bits/weight | RTN ppl | ABQ ppl | ABQ < RTN | calibration s | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     for name, row in results["schemes"].items():
+        if "abq" not in row:
+            continue
         lines.append(f"| {name} | {row['bits_per_weight']:.2f} | {row['rtn_ppl']:.3f} | {row['abq']['ppl']:.3f} | "
                      f"{'yes' if row['abq']['ppl'] < row['rtn_ppl'] else 'NO'} | "
                      f"{row['abq']['calibration_seconds']:.0f} | {row['abq']['peak_rss_mb']:.0f} |")
+    lines += variants_markdown(results)
     if results.get("ablation"):
         lines += ["", "Ablation (W4A4):", "", "| variant | ABQ ppl | calibration s |", "|---|---|---|"]
         full = results["schemes"].get("W4A4")
@@ -103,6 +119,20 @@ def markdown(results: dict) -> str:
         for name, row in results["ablation"].items():
             lines.append(f"| {name} | {row['ppl']:.3f} | {row['calibration_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def variants_markdown(results: dict) -> list[str]:
+    """The rounding rows: perplexity (calibration seconds) per scheme and variant."""
+    rows = {name: row for name, row in results["schemes"].items() if row.get("variants")}
+    if not rows:
+        return []
+    lines = ["", "Rounding variants (ppl, calibration seconds, peak RSS MB):", "",
+             "| scheme | bits/weight | RTN | " + " | ".join(VARIANTS) + " |", "|---|---|---|" + "---|" * len(VARIANTS)]
+    for name, row in rows.items():
+        cells = [f"{v['ppl']:.3f} ({v['calibration_seconds']:.0f} s, {v['peak_rss_mb']:.0f} MB)"
+                 if (v := row["variants"].get(variant)) else "—" for variant in VARIANTS]
+        lines.append(f"| {name} | {row['bits_per_weight']:.2f} | {row['rtn_ppl']:.3f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
@@ -115,12 +145,19 @@ def plot(results: dict, path: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, key, marker in (("RTN", "rtn_ppl", "x"), ("ABQ", None, "o")):
-        xs = [row["bits_per_weight"] for row in results["schemes"].values()]
-        ys = [row[key] if key else row["abq"]["ppl"] for row in results["schemes"].values()]
-        ax.scatter(xs, ys, marker=marker, label=method)
-        for x, y, name in zip(xs, ys, results["schemes"]):
-            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    series = {"RTN": {n: r["rtn_ppl"] for n, r in results["schemes"].items()},
+              "recipe": {n: r["abq"]["ppl"] for n, r in results["schemes"].items() if "abq" in r}}
+    for variant in VARIANTS:
+        series[variant] = {n: r["variants"][variant]["ppl"] for n, r in results["schemes"].items()
+                           if variant in r.get("variants", {})}
+    for (label, points), marker in zip(series.items(), "xo^sDv"):
+        if not points:
+            continue
+        xs = [results["schemes"][n]["bits_per_weight"] for n in points]
+        ax.scatter(xs, list(points.values()), marker=marker, label=label)
+        if label == "RTN":
+            for x, y, name in zip(xs, points.values(), points):
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(results["fp"]["ppl"], color="gray", linestyle="--", label="FP")
     ax.set_yscale("log")
     ax.set_xlabel("stored bits per weight (planes + scale/zero)")
@@ -137,6 +174,8 @@ def main() -> None:
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of " + ", ".join(SCHEMES))
     parser.add_argument("--ablation", default="all",
                         help="W4A4 ablations to run: all, none, or a comma-separated subset of " + ", ".join(ABLATIONS))
+    parser.add_argument("--rows", default=RECIPE_ROW,
+                        help=f"rows per scheme: {RECIPE_ROW} and/or " + ", ".join(VARIANTS) + " (comma-separated)")
     parser.add_argument("--limit", type=int, default=16, help="evaluation windows")
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--nsamples", type=int, help="override the recipes' calibration windows")
@@ -149,7 +188,6 @@ def main() -> None:
                         help="keep the other rows of an existing quality.json with the same protocol and "
                              "replace only the schemes / ablations run now")
     args = parser.parse_args()
-    from abqcli.recipe import load_recipe
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,18 +202,13 @@ def main() -> None:
         if previous.get("protocol") != protocol:
             raise SystemExit(f"--merge: quality.json was measured with {previous.get('protocol')}, not {protocol}")
         results.update(previous)
-    print("FP", flush=True)
-    results["fp"] = evaluate(args, "smollm2-135m")
+    if "fp" not in results:  # reused with --merge: the FP model does not change between rows
+        print("FP", flush=True)
+        results["fp"] = evaluate(args, "smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for name in filter(None, args.schemes.split(",")):
-            recipe_path = SCHEMES[name]
-            print(name, flush=True)
-            rtn = evaluate(args, "smollm2-135m", recipe_path)
-            abq = calibrate(args, recipe_path, [], workdir)
-            recipe = load_recipe(str(ROOT / recipe_path))
-            results["schemes"][name] = {"recipe": recipe_path, "bits_per_weight": bits_per_weight(recipe),
-                                        "rtn_ppl": rtn["ppl"], "abq": abq}
+            results["schemes"][name] = scheme_rows(args, name, results["schemes"].get(name), workdir)
             (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")  # keep partial results
         if args.ablation != "none":
             chosen = ABLATIONS if args.ablation == "all" else {n: ABLATIONS[n] for n in args.ablation.split(",") if n}
@@ -185,6 +218,26 @@ def main() -> None:
                 (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     report(results, out)
+
+
+def scheme_rows(args, name: str, previous: dict | None, workdir: Path) -> dict:
+    """One scheme's rows (`--rows`), merged into its previous rows; RTN reused when already measured."""
+    from abqcli.recipe import load_recipe
+
+    recipe_path = SCHEMES[name]
+    recipe = load_recipe(str(ROOT / recipe_path))
+    row = dict(previous or {}, recipe=recipe_path, bits_per_weight=bits_per_weight(recipe))
+    row.setdefault("variants", {})
+    print(name, flush=True)
+    if "rtn_ppl" not in row:
+        row["rtn_ppl"] = evaluate(args, "smollm2-135m", recipe_path)["ppl"]
+    for wanted in filter(None, args.rows.split(",")):
+        if wanted == RECIPE_ROW:
+            row["abq"] = calibrate(args, recipe_path, [], workdir)
+        else:
+            print(f"  {wanted}", flush=True)
+            row["variants"][wanted] = calibrate(args, recipe_path, VARIANTS[wanted], workdir)
+    return row
 
 
 def report(results: dict, out: Path) -> None:
