@@ -32,6 +32,8 @@ VARIANTS = {  # name -> recipe overrides on top of --recipe
     "abq+nearest": ["calibration.method=abq", "calibration.rounding=nearest"],
     "abq+gptq": ["calibration.method=abq", "calibration.rounding=gptq"],
     "abq+gptq 1 epoch": ["calibration.method=abq", "calibration.rounding=gptq", "calibration.epochs=1"],
+    "gptq sequential": ["calibration.method=gptq", "calibration.rounding=gptq", "calibration.gptq.sequential=true"],
+    "abq+gptq sequential": ["calibration.method=abq", "calibration.rounding=gptq", "calibration.gptq.sequential=true"],
     "abq+gptq no attention KL": ["calibration.method=abq", "calibration.rounding=gptq",
                                   "calibration.loss.attention_kl=false"],
     "abq+gptq 4 windows per step": ["calibration.method=abq", "calibration.rounding=gptq",

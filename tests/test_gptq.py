@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from abqcli.quant.fakequant import QuantLinear
-from abqcli.quant.gptq import HessianAccumulator, collect_hessians, gptq_quantize
+from abqcli.quant.methods import BlockContext
+from abqcli.quant.methods.gptq import GptqMethod
+from abqcli.quant.gptq import HessianAccumulator, collect_hessians, gptq_quantize, inverse_hessian_factor
 from abqcli.quant.quantizer import LayerQuant, WeightQuantSpec, fake_quantize_activation, quantize_weight
+from abqcli.recipe import load_recipe
 
 SPECS = [
     WeightQuantSpec(4),  # per channel
@@ -129,3 +132,41 @@ def test_collect_hessians_sees_each_layer_input_as_the_layer_computes_it():
     torch.testing.assert_close(hessians["q"], (x.T @ x).double(), rtol=1e-5, atol=1e-5)
     assert hessians["k"] is hessians["q"]
     torch.testing.assert_close(hessians["o"], (o_in.T @ o_in).double(), rtol=1e-5, atol=1e-4)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    _, x = layer_inputs(seed=4)
+    acc = HessianAccumulator()
+    acc.add(x)
+    u = inverse_hessian_factor(acc.hessian, 0.01)
+    h = acc.hessian.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h += 0.01 * torch.diagonal(h).mean() * torch.eye(96, dtype=torch.float64)
+    assert torch.equal(u, u.triu()) and bool((torch.diagonal(u) > 0).all())
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(h), rtol=1e-8, atol=1e-12)
+
+
+def toy_context(block: TwoBranches, x: torch.Tensor) -> BlockContext:
+    linears = {"q": block.q, "k": block.k, "o": block.o}
+    return BlockContext(0, 1, block, block, linears, x, x, x, {}, torch.device("cpu"), 2)
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-pass", "sequential"])
+def test_sequential_stages_see_the_earlier_stages_quantized(sequential):
+    torch.manual_seed(1)
+    block, x = TwoBranches(), torch.randn(6, 5, 8)
+    original = {name: lin.weight.detach().clone() for name, lin in [("q", block.q), ("k", block.k), ("o", block.o)]}
+    recipe = load_recipe("w4a16", ["calibration.method=gptq", f"calibration.gptq.sequential={str(sequential).lower()}"])
+    states = GptqMethod(recipe, adapter=None).fold(toy_context(block, x))
+
+    flat = x.reshape(-1, 8)
+    h_in = (flat.T @ flat).double()
+    for name in ("q", "k"):  # the first stage: the block's input, the same in both modes
+        expected = gptq_quantize(original[name], h_in, WeightQuantSpec(4))
+        assert torch.equal(states[name].codes, expected.codes), name
+    q_w, k_w = (states[n].dequantize() if sequential else original[n] for n in ("q", "k"))
+    o_in = fake_quantize_activation((flat @ q_w.T + block.q.bias) * (flat @ k_w.T + block.k.bias), 4)
+    expected = gptq_quantize(original["o"], (o_in.T @ o_in).double(), WeightQuantSpec(4))
+    assert torch.equal(states["o"].codes, expected.codes)
+    assert torch.equal(block.o.weight, states["o"].dequantize())

@@ -43,7 +43,7 @@ from abqcli.quant.calibrate import CalibrationResult, Calibrator, Progress
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
 from abqcli.recipe_checks import check_loss_terms, check_recipe_fits, check_rounding
-from abqcli.registry import FORMATS
+from abqcli.registry import FORMATS, METHODS
 
 QUANT_LOG = "quant_log.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -199,6 +199,7 @@ def build_provenance(recipe: Recipe, source, text, fingerprint: str) -> dict:
         "seqlen": cal.seqlen,
         "seed": cal.seed,
         "method": cal.method,
+        "rounding": METHODS.load(cal.method).rounding_of(recipe),
         "scheme": describe(recipe),
         "fingerprint": fingerprint,
     }
@@ -274,6 +275,7 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
         summary = {
             "scheme": describe(recipe),
             "method": cal.method,
+            "rounding": provenance["rounding"],
             "outputs": outputs,
             "seconds": round(time.perf_counter() - start, 2),
             "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),

@@ -388,11 +388,14 @@ class LossSpec:
 @dataclass(config=_SECTION)
 class GptqSpec:
     """GPTQ rounding (`rounding: gptq`, `abqcli.quant.gptq`): dampening λ (a fraction of mean diag H),
-    act-order (columns by decreasing diag H, with static groups) and the columns per lazy-update block."""
+    act-order (columns by decreasing diag H, with static groups), the columns per lazy-update block, and
+    `sequential`: each stage of a block (q/k/v, o, gate/up, down) gets its Hessian with the stages before
+    it quantized (one block pass per stage) instead of all from one pass on the float block."""
 
     damp: _number("a number above 0, up to 1", gt=0.0, le=1.0) = 0.01
     act_order: Flag = True
     block_size: _int(1, cap=MAX_GROUP_SIZE) = 128
+    sequential: Flag = False
 
 
 @dataclass(config=_SECTION)

@@ -73,8 +73,13 @@ class HfFakequant:
         """The fake-quant model ("calibrated fake-quant W4A4 (abq)"); `backend` plays no part."""
         model, tokenizer, manifest = open_fakequant(directory, dtype, device)
         scheme = describe_layers(manifest["layers"], manifest["kv_bits"])
-        method = manifest.get("provenance", {}).get("method", "abq")
-        return model, tokenizer, f"calibrated fake-quant {scheme} ({method})"
+        return model, tokenizer, f"calibrated fake-quant {scheme} ({method_label(manifest.get('provenance', {}))})"
+
+
+def method_label(provenance: dict) -> str:
+    """`abq`, `gptq`, `rtn`, or `abq + gptq rounding` when the rounding is not the method's plain one."""
+    method, rounding = provenance.get("method", "abq"), provenance.get("rounding", "nearest")
+    return method if rounding in ("nearest", method) else f"{method} + {rounding} rounding"
 
 
 HF_FAKEQUANT = HfFakequant()

@@ -169,12 +169,29 @@ class CalibrationMethod:
         named = dict(ctx.qblock.named_parameters())
         for key, value in self.folded_params(ctx).items():
             named[key].copy_(value.to(named[key].dtype))
-        hessians = {}
         if self.rounding == GPTQ:
-            hessians = collect_hessians(ctx.qlinears, lambda: ctx.run(ctx.qblock, ctx.q_in))
-        states: dict[str, QuantizedWeight] = {}
-        for rel, lin in ctx.qlinears.items():
-            states[rel] = self.round_weight(ctx, rel, lin.weight, hessians.get(rel))
+            states = self._gptq_states(ctx)
+        else:
+            states = {rel: self.round_weight(ctx, rel, lin.weight) for rel, lin in ctx.qlinears.items()}
         for rel, lin in ctx.qlinears.items():
             lin.weight.copy_(states[rel].dequantize().to(lin.weight.dtype))
+        return states
+
+    def _gptq_states(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        """GPTQ for every linear. With `gptq.sequential` the block is rounded stage by stage, a stage being
+        the linears fed one tensor (q/k/v, then o, gate/up, down): each stage's Hessians are collected with
+        the stages before it already quantized, i.e. on the inputs it will see (one pass per stage);
+        without it, one pass collects every Hessian on the float block."""
+        sequential = self.recipe.calibration.gptq.sequential
+        states: dict[str, QuantizedWeight] = {}
+        remaining = dict(ctx.qlinears)
+        while remaining:
+            hessians = collect_hessians(remaining, lambda: ctx.run(ctx.qblock, ctx.q_in))
+            first = next(iter(hessians.values()), None)
+            stage = [rel for rel, h in hessians.items() if h is first] if sequential and first is not None \
+                else list(remaining)
+            for rel in stage:
+                lin = remaining.pop(rel)
+                states[rel] = self.round_weight(ctx, rel, lin.weight, hessians.get(rel))
+                lin.weight.copy_(states[rel].dequantize().to(lin.weight.dtype))
         return states
