@@ -78,19 +78,14 @@ def collect_hessians(linears: Mapping[str, nn.Module], run: Callable[[], object]
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """U, the upper Cholesky factor of H_d⁻¹ with H_d = H + λ·mean(diag H)·I (float64). A column no token
-    ever reached (diag 0) gets diag 1: its weight then has no effect on the output and rounds to nearest.
-
-    Without forming H_d⁻¹: with J the order-reversing permutation, J H_d J = M Mᵀ (M lower), so
-    H_d = R Rᵀ with R = J M J upper, H_d⁻¹ = (R⁻¹)ᵀ R⁻¹, and U = R⁻¹ (upper, positive diagonal): one
-    Cholesky factorisation and one triangular inverse."""
+    """U, the upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹ (float64). A column no token ever
+    reached (diag 0) gets diag 1: its weight then has no effect on the output and rounds to nearest."""
     h = hessian.double().clone()
     diag = torch.diagonal(h)
     diag[diag == 0] = 1.0
     diag += damp * diag.mean()
-    r = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
-    return torch.linalg.solve_triangular(r, eye, upper=True)
+    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(h_inv, upper=True)
 
 
 def _column_quantizer(w: torch.Tensor, spec: WeightQuantSpec, lwc) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,35 +103,35 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
     """GPTQ codes of `weight` [N, K] for inputs with Hessian `hessian` [K, K] (see the module docstring).
 
     The arithmetic runs in float64 on the CPU, so the codes do not depend on the device; scales and zeros
-    are the float32 values `quantize_weight` would give for the same weight and clipping. Columns are
-    stored as rows ([K, N], in visiting order) so that each step reads contiguous memory."""
+    are the float32 values `quantize_weight` would give for the same weight and clipping."""
     w32 = weight.detach().float()
     scale_g, zero_g = weight_qparams(w32, spec, lwc)
-    k = w32.shape[1]
+    col_scale, col_zero = (t.double().cpu() for t in _column_quantizer(w32, spec, lwc))
+    w = w32.double().cpu().clone()
+    k = w.shape[1]
     order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(k)
-    col_scale, col_zero = (t.double().cpu()[:, order].T.contiguous() for t in _column_quantizer(w32, spec, lwc))
-    w = w32.double().cpu()[:, order].T.contiguous()  # [K, N]: row j is column order[j] of the weight
+    w, col_scale, col_zero = w[:, order], col_scale[:, order], col_zero[:, order]
     u = inverse_hessian_factor(hessian[order][:, order], damp)
     codes = torch.empty_like(w)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
         errors = _quantize_columns(w, u, codes, col_scale, col_zero, spec.qmax, start, end)
-        w[end:] -= u[start:end, end:].T @ errors
+        w[:, end:] -= errors @ u[start:end, end:]
     unpermuted = torch.empty_like(codes)
-    unpermuted[order] = codes
-    return QuantizedWeight(unpermuted.T.to(torch.uint8).to(weight.device), scale_g.float(), zero_g.float(), spec)
+    unpermuted[:, order] = codes
+    return QuantizedWeight(unpermuted.to(torch.uint8).to(weight.device), scale_g.float(), zero_g.float(), spec)
 
 
 def _quantize_columns(w: torch.Tensor, u: torch.Tensor, codes: torch.Tensor, col_scale: torch.Tensor,
                       col_zero: torch.Tensor, qmax: int, start: int, end: int) -> torch.Tensor:
-    """Round columns start..end-1 (rows of the transposed `w`) in place with error feedback inside the
-    block; write their codes and return the scaled errors e [end - start, N] for the later blocks."""
-    errors = torch.empty(end - start, w.shape[1], dtype=w.dtype)
+    """Round columns start..end-1 of `w` in place with error feedback inside the block; write their codes
+    and return the scaled errors e [N, end - start] for the update of the later blocks."""
+    errors = torch.empty(w.shape[0], end - start, dtype=w.dtype)
     for j in range(start, end):
-        s, z = col_scale[j], col_zero[j]
-        q = torch.clamp(torch.round(w[j] / s) + z, 0, qmax)
-        codes[j] = q
-        err = (w[j] - (q - z) * s) / u[j, j]
-        w[j + 1:end] -= u[j, j + 1:end, None] * err[None, :]
-        errors[j - start] = err
+        s, z = col_scale[:, j], col_zero[:, j]
+        q = torch.clamp(torch.round(w[:, j] / s) + z, 0, qmax)
+        codes[:, j] = q
+        err = (w[:, j] - (q - z) * s) / u[j, j]
+        w[:, j + 1:end] -= err[:, None] * u[j, j + 1:end][None, :]
+        errors[:, j - start] = err
     return errors
