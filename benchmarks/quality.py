@@ -145,7 +145,7 @@ def plot(results: dict, path: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = {"RTN": {n: r["rtn_ppl"] for n, r in results["schemes"].items()},
+    series = {"RTN": {n: r["rtn_ppl"] for n, r in results["schemes"].items() if "bits_per_weight" in r},
               "recipe": {n: r["abq"]["ppl"] for n, r in results["schemes"].items() if "abq" in r}}
     for variant in VARIANTS:
         series[variant] = {n: r["variants"][variant]["ppl"] for n, r in results["schemes"].items()
