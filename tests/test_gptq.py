@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from abqcli.quant.fakequant import QuantLinear
+from abqcli.quant.gptq import HessianAccumulator, collect_hessians, gptq_quantize, inverse_hessian_factor
 from abqcli.quant.methods import BlockContext
 from abqcli.quant.methods.gptq import GptqMethod
-from abqcli.quant.gptq import HessianAccumulator, collect_hessians, gptq_quantize, inverse_hessian_factor
 from abqcli.quant.quantizer import LayerQuant, WeightQuantSpec, fake_quantize_activation, quantize_weight
 from abqcli.recipe import load_recipe
 
