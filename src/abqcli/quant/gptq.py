@@ -37,7 +37,6 @@ class HessianAccumulator:
 
     def __init__(self) -> None:
         self.hessian: torch.Tensor | None = None
-        self.tokens = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -45,7 +44,6 @@ class HessianAccumulator:
         x = x.reshape(-1, x.shape[-1]).float()
         update = (x.T @ x).double().cpu()
         self.hessian = update if self.hessian is None else self.hessian + update
-        self.tokens += x.shape[0]
 
 
 @torch.no_grad()
@@ -59,10 +57,8 @@ def collect_hessians(linears: Mapping[str, nn.Module], run: Callable[[], object]
     def hook(name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
             x, bits = args[0], module.quant.act_bits
-            if x is last[0] and bits == last[1]:
-                accumulators.setdefault(name, last[2])
-                if accumulators[name] is last[2]:
-                    return
+            if x is last[0] and bits == last[1] and accumulators.setdefault(name, last[2]) is last[2]:
+                return  # the same tensor as the previous linear's: its accumulator already has it
             acc = accumulators.setdefault(name, HessianAccumulator())
             acc.add(fake_quantize_activation(x, bits))
             last[:] = [x, bits, acc]
@@ -88,14 +84,6 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(h_inv, upper=True)
 
 
-def _column_quantizer(w: torch.Tensor, spec: WeightQuantSpec, lwc) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) of every column's (row, group) quantizer, each [N, K] (static groups)."""
-    scale, zero = weight_qparams(w, spec, lwc)
-    k = w.shape[1]
-    col_group = torch.arange(k, device=w.device) // (spec.group_size or k)
-    return scale[:, col_group], zero[:, col_group]
-
-
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuantSpec,
                   lwc: tuple[torch.Tensor, torch.Tensor] | None = None, damp: float = 0.01,
@@ -105,10 +93,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: WeightQuant
     The arithmetic runs in float64 on the CPU, so the codes do not depend on the device; scales and zeros
     are the float32 values `quantize_weight` would give for the same weight and clipping."""
     w32 = weight.detach().float()
-    scale_g, zero_g = weight_qparams(w32, spec, lwc)
-    col_scale, col_zero = (t.double().cpu() for t in _column_quantizer(w32, spec, lwc))
+    scale_g, zero_g = weight_qparams(w32, spec, lwc)  # static groups: fixed before the loop
+    k = w32.shape[1]
+    col_group = torch.arange(k, device=w32.device) // (spec.group_size or k)
+    col_scale, col_zero = (t[:, col_group].double().cpu() for t in (scale_g, zero_g))
     w = w32.double().cpu().clone()
-    k = w.shape[1]
     order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else torch.arange(k)
     w, col_scale, col_zero = w[:, order], col_scale[:, order], col_zero[:, order]
     u = inverse_hessian_factor(hessian[order][:, order], damp)
