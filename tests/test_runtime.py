@@ -135,10 +135,31 @@ def test_missing_file_refused(packed_copy):
 
 def test_newer_format_version_in_manifest_refused(packed_copy):
     manifest = json.loads((packed_copy / "abq.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 3
     (packed_copy / "abq.json").write_text(json.dumps(manifest))
-    message = _one_line_error(packed_copy, "format_version 2")
-    assert "reads up to 1" in message and "upgrade abq" in message
+    message = _one_line_error(packed_copy, "format_version 3")
+    assert "reads up to 2" in message and "upgrade abq" in message
+
+
+def test_format_version_1_still_opens(packed_llama, packed_copy):
+    """A version-1 file (written before online transforms existed: no module has one) opens and runs."""
+    from abqcli.formats.abq_packed import load_packed
+    from test_export_packed import write_sealed_manifest
+
+    config = json.loads((packed_copy / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    assert not any("input_transform" in m for m in config["quantization_config"]["modules"].values())
+    (packed_copy / "config.json").write_text(json.dumps(config))
+    fix_checksum(packed_copy, "config.json")
+    manifest = json.loads((packed_copy / "abq.json").read_text())
+    manifest["format_version"] = 1
+    write_sealed_manifest(packed_copy, manifest)
+    ids = sample_ids()
+    old, _, old_manifest = load_packed(packed_copy)
+    new, _, _ = load_packed(packed_llama)
+    assert old_manifest["format_version"] == 1
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, new(ids).logits)
 
 
 def test_newer_format_version_in_config_refused(packed_copy):
@@ -147,7 +168,7 @@ def test_newer_format_version_in_config_refused(packed_copy):
     (packed_copy / "config.json").write_text(json.dumps(config))
     _one_line_error(packed_copy, "checksum mismatch")
     fix_checksum(packed_copy, "config.json")
-    _one_line_error(packed_copy, "config.json: btc-bitplane format_version 7; .* reads up to 1")
+    _one_line_error(packed_copy, "config.json: btc-bitplane format_version 7; .* reads up to 2")
 
 
 def test_wrong_quant_method_refused(packed_copy):

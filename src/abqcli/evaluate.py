@@ -102,6 +102,7 @@ def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=Non
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import apply_rtn
+    from abqcli.quant.rotations import NONE, rotate_model
     from abqcli.recipe import describe
 
     if Path(name).is_dir() and is_abq_output(resolve_output_dir(name)):
@@ -118,8 +119,11 @@ def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=Non
 
     adapter = adapter_for(model)
     check_recipe_fits(recipe, model, adapter)  # the checks of abq quantize, before any weight is rounded
-    apply_rtn(model, adapter, recipe.layer_quant, recipe.kv_bits)
-    return OpenedModel(model, tokenizer, source.describe(), f"fake-quant RTN {describe(recipe)}")
+    cal = recipe.calibration
+    rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None)
+    apply_rtn(model, adapter, rotation.layer_quant(recipe.layer_quant), recipe.kv_bits)
+    rotated = f", {cal.rotation} rotation" if cal.rotation != NONE else ""
+    return OpenedModel(model, tokenizer, source.describe(), f"fake-quant RTN {describe(recipe)}{rotated}")
 
 
 @dataclass

@@ -252,6 +252,7 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import set_kv_quant
+    from abqcli.quant.rotations import rotate_model
 
     cal = recipe.calibration
     device = torch.device(resolve_device(cal.device, "calibration.device"))
@@ -260,14 +261,17 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     adapter = adapter_for(model)
     check_recipe_fits(recipe, model, adapter)
     windows, text = calibration_windows(recipe, tokenizer, data_dir)
-    set_kv_quant(model, adapter, 16)  # blocks run through abq's attention; FP until calibrated
     recipe_yaml = dump_recipe(recipe)
     _open_output(out_dir, recipe_yaml)
     start = time.perf_counter()
-    calibrator = Calibrator(model, adapter, recipe, windows, out_dir / CHECKPOINT_DIR, device, progress)
+    rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None)
+    set_kv_quant(model, adapter, 16)  # blocks run through abq's attention; FP until calibrated
+    calibrator = Calibrator(model, adapter, recipe, windows, out_dir / CHECKPOINT_DIR, device, progress,
+                            rotation.layer_quant(recipe.layer_quant))
     result: CalibrationResult = calibrator.run(resume=resume)
     set_kv_quant(model, adapter, result.kv_bits)
     provenance = build_provenance(recipe, source, text, result.fingerprint)
+    provenance["rotation"] = rotation.provenance()
     with replacing(out_dir) as stage:  # the previous output (and the checkpoint) go once this is complete
         write_marker(stage, MARKER_KIND)
         (stage / RECIPE_YAML).write_text(recipe_yaml)

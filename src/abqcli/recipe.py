@@ -53,6 +53,7 @@ from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only 
 
 from abqcli.errors import InputError
 from abqcli.quant.quantizer import FP_BITS, LayerQuant, WeightQuantSpec, kv_label, scheme_label
+from abqcli.quant.rotations import ROTATIONS
 from abqcli.registry import FORMATS, METHODS
 
 __all__ = [
@@ -408,10 +409,12 @@ class LearnedRoundingSpec:
 @dataclass(config=_SECTION)
 class CalibrationSpec:
     """The calibration run. `epochs` None = the scheme's reference default (see `default_epochs`);
-    `rounding` None = the method's own (`abq`, `rtn`: nearest; `gptq`: gptq)."""
+    `rounding` None = the method's own (`abq`, `rtn`: nearest; `gptq`: gptq); `rotation`: the orthogonal
+    rotation applied to the model before calibration (`abqcli.quant.rotations`, docs/ROTATION.md)."""
 
     method: _choice(METHODS.names()) = "abq"  # abqcli.registry.METHODS
     rounding: _choice(ROUNDINGS) | None = None
+    rotation: _choice(ROTATIONS) = "none"
     dataset: _text("a dataset name or a text file path") = "wikitext2"  # name or path to a text file
     nsamples: _int(1, cap=MAX_NSAMPLES) = 128
     seqlen: _int(1, cap=MAX_SEQLEN) = 2048

@@ -81,8 +81,20 @@ def check_adapter_maps(model, adapter) -> list[str]:
 
 def check_recipe_fits(recipe: Recipe, model, adapter) -> None:
     """Everything a recipe must satisfy for this model: the adapter maps every block, each override
-    matches a linear, at least one linear is quantized, and no weight group exceeds its layer's input."""
+    matches a linear, at least one linear is quantized, no weight group exceeds its layer's input, and the
+    rotation (if any) is exact for it."""
     names = check_adapter_maps(model, adapter)
     check_overrides_match(recipe, names)
     check_something_quantized(recipe, names)
     check_group_sizes(recipe, model, adapter)
+    check_rotation(recipe, model, adapter)
+
+
+def check_rotation(recipe: Recipe, model, adapter) -> None:
+    """`calibration.rotation` must rotate this model exactly (architecture, Hadamard orders)."""
+    from abqcli.quant.rotations import rotation_problem
+
+    problem = rotation_problem(model, adapter, recipe.calibration.rotation,
+                               lambda name: recipe.layer_quant(name) is not None)
+    if problem:
+        raise InputError(problem)

@@ -9,6 +9,7 @@ from torch import nn
 
 from abqcli.btc.backends import GemmBackend
 from abqcli.btc.format import PackedWeight
+from abqcli.quant.hadamard import apply_input_transform
 from abqcli.quant.quantizer import scheme_label
 from abqcli.registry import BACKENDS
 
@@ -16,15 +17,18 @@ from abqcli.registry import BACKENDS
 class BTCLinear(nn.Module):
     """A quantized linear that runs from its BTC bit planes on a GEMM backend (`abqcli.btc.backends`).
 
-    forward = the backend's `linear(x, packed, act_bits, bias)`: per-token activation quantization, exact
-    integer GEMM and the affine epilogue; weight-only (A16) layers dequantize and run a float matmul.
+    forward = the backend's `linear(x', packed, act_bits, bias)` on x' = the layer's online input transform
+    of x (`input_transform`, e.g. the Hadamard transform of a rotated model's down_proj; none by default):
+    per-token activation quantization, exact integer GEMM and the affine epilogue; weight-only (A16)
+    layers dequantize and run a float matmul.
     The packed tensors stay on the CPU (the backend keeps any device copy it needs). `backend` names a
     registered backend (`abqcli.registry.BACKENDS`); an unknown one is an InputError.
     """
 
     def __init__(self, packed: PackedWeight, act_bits: int, bias: torch.Tensor | None = None,
-                 backend: str = "cpu"):
+                 backend: str = "cpu", input_transform: str | None = None):
         super().__init__()
+        self.input_transform = input_transform
         self.gemm: GemmBackend = BACKENDS.load(backend)
         self.packed = packed
         self.act_bits = int(act_bits)
@@ -40,13 +44,17 @@ class BTCLinear(nn.Module):
         """Build the backend's cached operands now rather than on the first forward."""
         self.gemm.prepare(self.packed, self.act_bits)
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_input_transform(x, self.input_transform)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gemm.linear(x, self.packed, self.act_bits, self.bias)
+        return self.gemm.linear(self.transform_input(x), self.packed, self.act_bits, self.bias)
 
     def extra_repr(self) -> str:
         pw = self.packed
         scheme = scheme_label(pw.bits, pw.balance, pw.group_size, self.act_bits)
-        return (f"{self.in_features}->{self.out_features}, {scheme}, {pw.planes.shape[0]} planes, "
+        online = f", online {self.input_transform}" if self.input_transform else ""
+        return (f"{self.in_features}->{self.out_features}, {scheme}{online}, {pw.planes.shape[0]} planes, "
                 f"backend={self.backend}")
 
 

@@ -149,6 +149,7 @@ def _check_layer(name: str, module, x: torch.Tensor, gemm: GemmBackend) -> dict:
     from abqcli.quant.quantizer import FP_BITS, fake_quantize_activation
 
     pw, act_bits = module.packed, module.act_bits
+    x = module.transform_input(x)  # what the activation quantizer sees (a rotated model's online transform)
     weight = pw.to_quantized().dequantize()
     y_ref = F.linear(fake_quantize_activation(x, act_bits), weight)
     y = gemm.linear(x, pw, act_bits, None).float().cpu()
@@ -158,6 +159,7 @@ def _check_layer(name: str, module, x: torch.Tensor, gemm: GemmBackend) -> dict:
         "balance": pw.balance,
         "act_bits": act_bits,
         "group_size": pw.group_size,
+        "input_transform": module.input_transform,
         "planes": int(pw.planes.shape[0]),
         "rows": int(x.shape[0]),
         "float_max_rel": _max_rel(y, y_ref),
@@ -401,6 +403,7 @@ def inspect_export(directory) -> dict:
             "bits": int(meta["bits"]),
             "balance": bool(meta.get("balance")),
             "act_bits": meta.get("act_bits"),
+            "input_transform": meta.get("input_transform"),
             "planes": planes,
             "group_size": meta.get("group_size"),
             "in_features": k,

@@ -23,7 +23,7 @@ from abqcli.btc.contract import K_ALIGN, MAX_PLANES, WORD_BITS
 from abqcli.errors import InputError
 from abqcli.quant.quantizer import CentredWeight, QuantizedWeight, WeightQuantSpec, qmax_for
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a module may name the online transform before its activation quantizer
 
 _SUFFIXES = {
     "planes": ".btc_planes",

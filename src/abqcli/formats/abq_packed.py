@@ -53,6 +53,7 @@ from abqcli.formats.manifest import (
     base_manifest,
     check_format,
     layer_meta,
+    layer_quant_from_meta,
     read_manifest,
     resolve_output_dir,
     write_dir_atomically,
@@ -152,10 +153,18 @@ def _quantization_config(packed: dict[str, PackedWeight], layers: dict[str, Laye
         "format": TENSOR_FORMAT,
         "format_version": FORMAT_VERSION,
         "kv_bits": kv_bits,
-        "modules": {name: {**packed_weight_meta(pw), "act_bits": layers[name].act_bits}
-                    for name, pw in packed.items()},
+        "modules": {name: _module_meta(pw, layers[name]) for name, pw in packed.items()},
         "tied_tensors": tied,
     }
+
+
+def _module_meta(pw: PackedWeight, quant: LayerQuant) -> dict:
+    """One linear in quantization_config.modules: its BTC tensors' metadata, its activation bits and
+    (format_version 2) the online transform before its activation quantizer, when it has one."""
+    meta = {**packed_weight_meta(pw), "act_bits": quant.act_bits}
+    if quant.input_transform:
+        meta["input_transform"] = quant.input_transform
+    return meta
 
 
 def packed_layer_stats(pw: PackedWeight) -> dict:
@@ -315,7 +324,7 @@ def read_packed_export(directory: str | Path, verify: bool = True) -> PackedExpo
     return PackedExport(directory, manifest, qc, config)
 
 
-_AGREEING_FIELDS = ("bits", "balance", "group_size", "act_bits", "in_features", "out_features")
+_AGREEING_FIELDS = ("bits", "balance", "group_size", "act_bits", "in_features", "out_features", "input_transform")
 
 
 def _check_agreement(manifest: dict, quant_config: dict, config_path: Path) -> None:
@@ -376,9 +385,9 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _twin_linear(pw: PackedWeight, act_bits: int, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+def _twin_linear(pw: PackedWeight, quant: LayerQuant, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
     """The fake-quant twin of one packed linear: QuantLinear with the dequantized weights and the
-    integer state."""
+    integer state (and the same online input transform)."""
     from abqcli.quant.fakequant import QuantLinear
 
     linear = nn.Linear(pw.in_features, pw.out_features, bias=bias is not None, dtype=dtype)
@@ -386,7 +395,7 @@ def _twin_linear(pw: PackedWeight, act_bits: int, bias: torch.Tensor | None, dty
         linear.weight.copy_(pw.dequantized_f32())
         if bias is not None:
             linear.bias.copy_(bias)
-    module = QuantLinear(linear, LayerQuant(pw.spec, act_bits))
+    module = QuantLinear(linear, quant)
     module.use_integer_weight(pw.to_quantized())
     return module
 
@@ -398,12 +407,12 @@ def _replace_quantized(model: nn.Module, export: PackedExport, tensors: dict[str
     replaced = set()
     for name, meta in sorted(export.modules.items()):
         pw = packed_weight_from_tensors(name, tensors, meta)
-        act_bits = int(meta.get("act_bits", FP_BITS))
+        quant = layer_quant_from_meta({**meta, "act_bits": int(meta.get("act_bits", FP_BITS))})
         bias = tensors.get(f"{name}.bias")
         if mode == PACKED:
-            module = BTCLinear(pw, act_bits, bias, backend)
+            module = BTCLinear(pw, quant.act_bits, bias, backend, quant.input_transform)
         else:
-            module = _twin_linear(pw, act_bits, bias, dtype)
+            module = _twin_linear(pw, quant, bias, dtype)
         _replace(model, name, module)
         replaced.add(f"{name}.weight")
     return replaced

@@ -9,9 +9,11 @@ runtime does) and activation and kv quantization are re-applied from abq.json; `
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,12 +28,13 @@ from abqcli.formats.manifest import (
     write_dir_atomically,
     write_manifest,
 )
-from abqcli.quant.quantizer import QuantizedWeight, WeightQuantSpec
+from abqcli.quant.hadamard import apply_input_transform
+from abqcli.quant.quantizer import LayerQuant, QuantizedWeight, WeightQuantSpec
 
 
 class HfFakequant:
     name = "hf-fakequant"
-    version = 1
+    version = 2  # 2: layers may have an online input transform (a rotated model), folded back for plain loads
 
     def layer_problem(self, weight: WeightQuantSpec, act_bits: int) -> str | None:
         """Any scheme: the checkpoint holds dequantized weights and the integer state as they are."""
@@ -55,7 +58,8 @@ class HfFakequant:
         attn = model.config._attn_implementation
         model.set_attn_implementation("sdpa")  # a plain transformers load must not need abq's attention
         try:
-            model.save_pretrained(tmp)
+            with _plain_load_weights(model, export.layers, export.quantized):
+                model.save_pretrained(tmp)
         finally:
             model.set_attn_implementation(attn)
         export.tokenizer.save_pretrained(tmp)
@@ -66,8 +70,9 @@ class HfFakequant:
             state[f"{name}.zeros"] = qw.zero.contiguous()
         save_file(state, str(tmp / QUANT_STATE))
         (tmp / RECIPE_YAML).write_text(export.recipe_yaml)
-        write_manifest(tmp, base_manifest(self, export.kv_bits, layer_meta(export.layers, export.quantized),
-                                          export.provenance))
+        manifest = base_manifest(self, export.kv_bits, layer_meta(export.layers, export.quantized), export.provenance)
+        manifest["plain_load"] = plain_load_note(export.layers)
+        write_manifest(tmp, manifest)
 
     def open(self, directory: Path, dtype: str, device: str, backend: str) -> tuple[nn.Module, Any, str]:
         """The fake-quant model ("calibrated fake-quant W4A4 (abq)"); `backend` plays no part."""
@@ -83,6 +88,36 @@ def method_label(provenance: dict) -> str:
 
 
 HF_FAKEQUANT = HfFakequant()
+
+
+def plain_load_note(layers: dict[str, LayerQuant]) -> dict:
+    """What a plain transformers load of the checkpoint computes (abq.json `plain_load`)."""
+    online = sorted(name for name, quant in layers.items() if quant.input_transform)
+    return {
+        "computes": "the weight-quantized model; activations and kv in full precision",
+        "w_a_exact": False,
+        "online_transforms_needed": online,
+    }
+
+
+@contextmanager
+def _plain_load_weights(model: nn.Module, layers: dict[str, LayerQuant], quantized: dict[str, QuantizedWeight]):
+    """While saving, a linear with an online input transform T holds Ŵ·Tᵀ instead of its dequantized Ŵ:
+    x·(Ŵ·Tᵀ)ᵀ = T(x)·Ŵᵀ, so a plain load (which knows no transform) computes the weight-quantized layer."""
+    saved = {}
+    with torch.no_grad():
+        for name, quant in layers.items():
+            if quant.input_transform:
+                weight = model.get_submodule(name).weight
+                saved[name] = weight.detach().clone()
+                folded = apply_input_transform(quantized[name].dequantize().double(), quant.input_transform,
+                                               inverse=True)
+                weight.copy_(folded.to(weight.dtype))
+        try:
+            yield
+        finally:
+            for name, weight in saved.items():
+                model.get_submodule(name).weight.copy_(weight)
 
 
 def read_quant_state(directory: Path, manifest: dict) -> dict[str, QuantizedWeight]:
@@ -117,6 +152,9 @@ def open_fakequant(directory: Path, dtype: str, device: str):
     for name, qlinear in wrap_linears(model, adapter, layers.get).items():
         if name not in states:
             raise InputError(f"{QUANT_STATE} in {directory} has no integer state for {name}")
+        if qlinear.quant.input_transform:  # the checkpoint holds Ŵ·Tᵀ for plain loads; abq applies T itself
+            with torch.no_grad():
+                qlinear.weight.copy_(states[name].dequantize().to(qlinear.weight.dtype))
         qlinear.use_integer_weight(states[name])
     set_kv_quant(model, adapter, manifest["kv_bits"])
     return model, tokenizer, manifest

@@ -22,6 +22,7 @@ from abqcli import __version__, outputs
 from abqcli.checksums import sha256_file
 from abqcli.errors import InputError
 from abqcli.formats import ABQ_JSON, OutputFormat, read_json
+from abqcli.quant.hadamard import INPUT_TRANSFORMS
 from abqcli.quant.quantizer import LayerQuant, QuantizedWeight, WeightQuantSpec
 from abqcli.registry import FORMATS
 
@@ -72,11 +73,18 @@ def layer_meta(layers: dict[str, LayerQuant], quantized: dict[str, QuantizedWeig
             "in_features": int(codes.shape[1]),
             "distinct_codes_max_per_row": int(max(len(torch.unique(row)) for row in codes[:64])),
         }
+        if quant.input_transform:
+            meta[name]["input_transform"] = quant.input_transform
     return meta
 
 
 def layer_quant_from_meta(meta: dict) -> LayerQuant:
-    return LayerQuant(WeightQuantSpec(meta["bits"], meta["group_size"], meta["balance"]), meta["act_bits"])
+    """A layer's quantization from its metadata; an unknown `input_transform` is an InputError."""
+    transform = meta.get("input_transform")
+    if transform is not None and transform not in INPUT_TRANSFORMS:
+        raise InputError(f"unknown input_transform {transform!r} (this abq knows: {', '.join(INPUT_TRANSFORMS)})")
+    return LayerQuant(WeightQuantSpec(meta["bits"], meta["group_size"], meta["balance"]), meta["act_bits"],
+                      transform)
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

@@ -44,6 +44,13 @@ class Adapter:
                 projections and the product), so LET adds the q <-> k scale;
     let_shift:  the family's norms and their consumers have biases, so `calibration.let.shift: auto` turns
                 LET shifts on for weight-activation runs (OPT).
+
+    Rotations (`quant/rotations.py`) read where the residual stream enters and leaves the model: the
+    token `embeddings`, the `final_norm` and the `lm_head`; in each block the `norm`-kind LET pairs (a
+    norm and the linears that read it), the `residual_writers` (linears whose outputs are added to the
+    stream), the `value_proj` / `attention_out` pair rotated per head, and `online_rotated` (linears
+    whose input gets the online Hadamard transform). `rotation_problem` says why a family cannot be
+    rotated exactly (None: it can).
     """
 
     family: str = ""
@@ -54,6 +61,14 @@ class Adapter:
     rope: bool = False
     qk_scaling: bool = True
     let_shift: bool = False
+    embeddings: str = ""
+    final_norm: str = ""
+    lm_head: str = "lm_head"
+    residual_writers: tuple[str, ...] = ()
+    value_proj: str = ""
+    attention_out: str = ""
+    online_rotated: tuple[str, ...] = ()
+    rotation_problem: str | None = "no rotation is defined for this architecture"
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -109,6 +124,13 @@ class LlamaAdapter(Adapter):
     attention = "self_attn"
     compensation_target = "mlp.down_proj"
     rope = True
+    embeddings = "model.embed_tokens"
+    final_norm = "model.norm"
+    residual_writers = ("self_attn.o_proj", "mlp.down_proj")
+    value_proj = "self_attn.v_proj"
+    attention_out = "self_attn.o_proj"
+    online_rotated = ("mlp.down_proj",)
+    rotation_problem = None
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
         return [
@@ -128,6 +150,8 @@ class OptAdapter(Adapter):
     attention = "self_attn"
     compensation_target = "fc2"
     let_shift = True
+    rotation_problem = ("OPT's LayerNorm subtracts each token's mean, which does not commute with a rotation "
+                        "of the residual stream; use calibration.rotation: none")
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
         return [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +79,12 @@ class Calibrator:
     """Runs the loop over all blocks with checkpoints (see module docstring)."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, recipe: Recipe, windows: torch.Tensor,
-                 checkpoint_dir: Path, device: torch.device, progress: Progress | None = None):
+                 checkpoint_dir: Path, device: torch.device, progress: Progress | None = None,
+                 layer_quant: Callable[[str], LayerQuant | None] | None = None):
+        """`layer_quant` (default `recipe.layer_quant`): each linear's quantization, online transforms
+        of a rotated model included (`RotationResult.layer_quant`)."""
         self.model, self.adapter, self.recipe, self.windows = model, adapter, recipe, windows
+        self.layer_quant = layer_quant or recipe.layer_quant
         self.checkpoint_dir = checkpoint_dir
         self.device = device
         self.progress = progress or Progress()
@@ -117,7 +122,7 @@ class Calibrator:
         fp_block = copy.deepcopy(block)
         self.adapter.attention_module(fp_block).abq_kv_bits = FP_BITS
         prefix = self.adapter.block_prefix(index)
-        qlinears = wrap_block_linears(block, self.adapter, prefix, self.recipe.layer_quant)
+        qlinears = wrap_block_linears(block, self.adapter, prefix, self.layer_quant)
         self.adapter.attention_module(block).abq_kv_bits = self.kv_bits
         dev_kwargs = send_to_device(kwargs, self.device)
         batch_size = self.recipe.calibration.batch_size

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abqcli.models.adapters import Adapter
+from abqcli.quant.hadamard import apply_input_transform
 from abqcli.quant.integer import integer_linear
 from abqcli.quant.quantizer import (
     FP_BITS,
@@ -74,8 +75,13 @@ class QuantLinear(nn.Module):
         self.code_scales = centred.scale.to(device)
         self.centred_max_abs = centred.max_abs
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the activation quantizer sees it: after the layer's online transform, if any."""
+        return apply_input_transform(x, self.quant.input_transform)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.quant.act_bits
+        x = self.transform_input(x)
         if self.centred_codes is not None:  # only activation-quantized layers hold them
             weight = CentredWeight(self.centred_codes, self.code_scales, self.quant.weight.group_size,
                                    self.centred_max_abs)
@@ -85,7 +91,9 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.quant.weight
         g = f" g{w.group_size}" if w.group_size else ""
-        return f"{self.in_features}->{self.out_features}, W{w.bits}{'*' if w.balance else ''}{g}A{self.quant.act_bits}"
+        online = f", online {self.quant.input_transform}" if self.quant.input_transform else ""
+        return (f"{self.in_features}->{self.out_features}, W{w.bits}{'*' if w.balance else ''}{g}"
+                f"A{self.quant.act_bits}{online}")
 
 
 def causal_probs(

@@ -48,20 +48,21 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def collect_hessians(linears: Mapping[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """The Hessian of every linear's input (activation-quantized at its `quant.act_bits`, as the layer
-    computes it) over one `run()` of the block that holds them. Linears fed the same tensor at the same
-    bit width (q/k/v, gate/up) share one accumulator: XᵀX is computed once for them."""
+    """The Hessian of every linear's input (after its online transform and activation-quantized at its
+    `quant.act_bits`, as the layer computes it) over one `run()` of the block that holds them. Linears fed
+    the same tensor with the same quantization (q/k/v, gate/up) share one accumulator: XᵀX is computed
+    once for them."""
     accumulators: dict[str, HessianAccumulator] = {}
-    last: list = [None, None, None]  # the previous hook's (input tensor, act bits, accumulator)
+    last: list = [None, None, None]  # the previous hook's (input tensor, (act bits, transform), accumulator)
 
     def hook(name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
-            x, bits = args[0], module.quant.act_bits
-            if x is last[0] and bits == last[1] and accumulators.setdefault(name, last[2]) is last[2]:
+            x, seen = args[0], (module.quant.act_bits, module.quant.input_transform)
+            if x is last[0] and seen == last[1] and accumulators.setdefault(name, last[2]) is last[2]:
                 return  # the same tensor as the previous linear's: its accumulator already has it
             acc = accumulators.setdefault(name, HessianAccumulator())
-            acc.add(fake_quantize_activation(x, bits))
-            last[:] = [x, bits, acc]
+            acc.add(fake_quantize_activation(module.transform_input(x), seen[0]))
+            last[:] = [x, seen, acc]
         return pre_hook
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]

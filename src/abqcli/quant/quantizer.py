@@ -140,10 +140,12 @@ def fake_quantize_weight(
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """What one linear gets: its weight quantizer and the bit width of its input activations."""
+    """What one linear gets: its weight quantizer, the bit width of its input activations and the online
+    transform applied to its input before the activation quantizer (`quant.hadamard`; None: none)."""
 
     weight: WeightQuantSpec
     act_bits: int
+    input_transform: str | None = None
 
 
 @dataclass

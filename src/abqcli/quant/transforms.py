@@ -202,7 +202,8 @@ class BlockTransform(nn.Module):
 
         if let:
             for pair in adapter.let_pairs(block):
-                self._add_pair(pair, stats)
+                if not self._behind_online_transform(pair):
+                    self._add_pair(pair, stats)
             self._add_qk()
         if compensation:
             target = adapter.compensation_target
@@ -232,6 +233,12 @@ class BlockTransform(nn.Module):
         q = self._linear(f"{self.adapter.attention}.q_proj")
         k = self._linear(f"{self.adapter.attention}.k_proj")
         return q.weight.shape[0] // head_dim, k.weight.shape[0] // head_dim, head_dim
+
+    def _behind_online_transform(self, pair: LetPair) -> bool:
+        """A consumer transforms its input online (a rotated model's down_proj): a per-channel scale
+        before the transform is not a column scaling of the weight after it, so the pair is left out."""
+        return any(getattr(getattr(self._linear(c), "quant", None), "input_transform", None)
+                   for c in pair.consumers)
 
     def _add_pair(self, pair: LetPair, stats: dict[str, ActStats] | None) -> None:
         consumers = [self._linear(c) for c in pair.consumers]
