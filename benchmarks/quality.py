@@ -7,8 +7,10 @@ A benchmark script, not a test: it measures and writes numbers.
     python benchmarks/quality.py --schemes W4A8 --ablation none --merge   # add a row to quality.json
     python benchmarks/quality.py --schemes W3A16g128 --rows gptq,abq+gptq --ablation none --merge
 
-Rows per scheme (--rows): `recipe` (the recipe as written) and the rounding variants of VARIANTS (the
-same recipe with another method or rounding); RTN is evaluated for every scheme (or reused with --merge).
+Rows per scheme (--rows): `recipe` (the recipe as written) and the variants of VARIANTS (the same recipe
+with another method, rounding or rotation). RTN is evaluated for every scheme without a rotation
+(`rtn_ppl`) and with the recipe's rotation (`rtn_rotated_ppl`; hadamard when the recipe has none), or
+reused with --merge.
 
 Each ABQ calibration runs `abq quantize` in a subprocess (so its peak RSS is its own), from the
 `configs/smollm2-*.yaml` recipes (calibration budget overridable with --nsamples/--seqlen/--epochs).
@@ -44,7 +46,11 @@ VARIANTS = {  # row name -> recipe overrides: how the same recipe rounds its wei
     "abq+nearest": ["calibration.method=abq", "calibration.rounding=nearest"],
     "abq+gptq": ["calibration.method=abq", "calibration.rounding=gptq"],
     "abq+learned": ["calibration.method=abq", "calibration.rounding=learned"],
+    "no rotation": ["calibration.rotation=none"],
+    "hadamard": ["calibration.rotation=hadamard"],
+    "random-orthogonal": ["calibration.rotation=random-orthogonal"],
 }
+NO_ROTATION = ["calibration.rotation=none"]
 RECIPE_ROW = "recipe"
 ABLATIONS = {  # name -> recipe overrides, applied to W4A4
     "no MSE": ["calibration.loss.mse=false"],
@@ -102,13 +108,15 @@ def markdown(results: dict) -> str:
     title = (f"SmolLM2-135M, wiki.test.raw, first {results['protocol']['windows']} windows x "
              f"{results['protocol']['seqlen']} tokens. FP perplexity **{fp:.3f}**.")
     lines = [title, "",
-             "| scheme | bits/weight | RTN ppl | ABQ ppl | ABQ < RTN | calibration s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+             "| scheme | bits/weight | RTN ppl | RTN + rotation | recipe (ABQ) ppl | recipe rotation | calibration s "
+             "| peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in results["schemes"].items():
         if "abq" not in row:
             continue
-        lines.append(f"| {name} | {row['bits_per_weight']:.2f} | {row['rtn_ppl']:.3f} | {row['abq']['ppl']:.3f} | "
-                     f"{'yes' if row['abq']['ppl'] < row['rtn_ppl'] else 'NO'} | "
+        rotated = f"{row['rtn_rotated_ppl']:.3f} ({row['rtn_rotated']})" if "rtn_rotated_ppl" in row else "—"
+        lines.append(f"| {name} | {row['bits_per_weight']:.2f} | {row['rtn_ppl']:.3f} | {rotated} | "
+                     f"{row['abq']['ppl']:.3f} | {row.get('rotation', 'none')} | "
                      f"{row['abq']['calibration_seconds']:.0f} | {row['abq']['peak_rss_mb']:.0f} |")
     lines += variants_markdown(results)
     if results.get("ablation"):
@@ -146,11 +154,13 @@ def plot(results: dict, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {"RTN": {n: r["rtn_ppl"] for n, r in results["schemes"].items() if "bits_per_weight" in r},
+              "RTN + rotation": {n: r["rtn_rotated_ppl"] for n, r in results["schemes"].items()
+                                 if "rtn_rotated_ppl" in r},
               "recipe": {n: r["abq"]["ppl"] for n, r in results["schemes"].items() if "abq" in r}}
     for variant in VARIANTS:
         series[variant] = {n: r["variants"][variant]["ppl"] for n, r in results["schemes"].items()
                            if variant in r.get("variants", {})}
-    for (label, points), marker in zip(series.items(), "xo^sDv"):
+    for (label, points), marker in zip(series.items(), "x+o^sDv<>p"):
         if not points:
             continue
         xs = [results["schemes"][n]["bits_per_weight"] for n in points]
@@ -226,11 +236,16 @@ def scheme_rows(args, name: str, previous: dict | None, workdir: Path) -> dict:
 
     recipe_path = SCHEMES[name]
     recipe = load_recipe(str(ROOT / recipe_path))
-    row = dict(previous or {}, recipe=recipe_path, bits_per_weight=bits_per_weight(recipe))
+    row = dict(previous or {}, recipe=recipe_path, bits_per_weight=bits_per_weight(recipe),
+               rotation=recipe.calibration.rotation)
     row.setdefault("variants", {})
     print(name, flush=True)
     if "rtn_ppl" not in row:
-        row["rtn_ppl"] = evaluate(args, "smollm2-135m", recipe_path)["ppl"]
+        row["rtn_ppl"] = evaluate(args, "smollm2-135m", recipe_path, NO_ROTATION)["ppl"]
+    if "rtn_rotated_ppl" not in row:
+        rotation = recipe.calibration.rotation if recipe.calibration.rotation != "none" else "hadamard"
+        row["rtn_rotated"] = rotation
+        row["rtn_rotated_ppl"] = evaluate(args, "smollm2-135m", recipe_path, [f"calibration.rotation={rotation}"])["ppl"]
     for wanted in filter(None, args.rows.split(",")):
         if wanted == RECIPE_ROW:
             row["abq"] = calibrate(args, recipe_path, [], workdir)

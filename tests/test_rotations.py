@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import llama_config, opt_config, qwen2_config
 
 from abqcli.errors import InputError
 from abqcli.models.adapters import adapter_for
@@ -18,6 +17,7 @@ from abqcli.quant.hadamard import (
     paley,
 )
 from abqcli.quant.rotations import RANDOM_HADAMARD, RANDOM_ORTHOGONAL, rotate_model, rotation_matrix
+from conftest import llama_config, opt_config, qwen2_config
 
 
 @pytest.mark.parametrize("order", [12, 20, 28, 36, 44, 60, 76, 108])
