@@ -39,11 +39,13 @@ def test_rotated_export_records_the_online_transforms(rotated_runs, family):
         online = {name for name, meta in manifest["layers"].items() if meta.get("input_transform") == "hadamard"}
         assert online == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
         assert manifest["provenance"]["rotation"] == {"kind": "hadamard", "online": ["hadamard"],
-                                                      "untied_embeddings": False}
+                                                      "untied_embeddings": False, "kv_transform": "hadamard"}
+        assert manifest["kv_transform"] == "hadamard"  # W4A4 quantizes kv at 4 bits: R3 on q and k
     config = json.loads((out / "abq-packed" / "config.json").read_text())
     modules = config["quantization_config"]["modules"]
     assert modules["model.layers.0.mlp.down_proj"]["input_transform"] == "hadamard"
     assert "input_transform" not in modules["model.layers.0.mlp.up_proj"]
+    assert config["quantization_config"]["kv_transform"] == "hadamard"
     plain = json.loads((out / "hf-fakequant" / "abq.json").read_text())["plain_load"]
     assert plain["w_a_exact"] is False and plain["online_transforms_needed"] == sorted(online)
 

@@ -109,6 +109,25 @@ def test_rotated_model_computes_the_same_logits(make_config, kind, tied):
     assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms)
 
 
+@pytest.mark.parametrize("make_config", [llama_config, qwen2_config], ids=["llama", "qwen2"])
+def test_q_k_transform_leaves_full_precision_attention_unchanged(make_config):
+    """R3: q and k both transformed after RoPE by an orthogonal H: q·kᵀ, and so the model, unchanged."""
+    from abqcli.quant.fakequant import set_kv_quant
+
+    model = _model(make_config())
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    set_kv_quant(model, adapter, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+        set_kv_quant(model, adapter, 16, "hadamard")
+        after = model(ids).logits
+        set_kv_quant(model, adapter, 4, "hadamard")
+        quantized = model(ids).logits
+    assert _max_rel(after, before) < 1e-5
+    assert _max_rel(quantized, before) > 1e-3  # the transform is applied before a quantizer that matters
+
+
 def test_rotation_changes_the_weights_it_should():
     model = _model(llama_config())
     q_before = model.model.layers[0].self_attn.q_proj.weight.clone()

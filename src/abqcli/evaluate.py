@@ -120,8 +120,9 @@ def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=Non
     adapter = adapter_for(model)
     check_recipe_fits(recipe, model, adapter)  # the checks of abq quantize, before any weight is rounded
     cal = recipe.calibration
-    rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None)
-    apply_rtn(model, adapter, rotation.layer_quant(recipe.layer_quant), recipe.kv_bits)
+    rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None,
+                            recipe.kv_bits)
+    apply_rtn(model, adapter, rotation.layer_quant(recipe.layer_quant), recipe.kv_bits, rotation.kv_transform)
     rotated = f", {cal.rotation} rotation" if cal.rotation != NONE else ""
     return OpenedModel(model, tokenizer, source.describe(), f"fake-quant RTN {describe(recipe)}{rotated}")
 

@@ -264,18 +264,20 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     recipe_yaml = dump_recipe(recipe)
     _open_output(out_dir, recipe_yaml)
     start = time.perf_counter()
-    rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None)
-    set_kv_quant(model, adapter, 16)  # blocks run through abq's attention; FP until calibrated
+    rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None,
+                            recipe.kv_bits)
+    set_kv_quant(model, adapter, 16, rotation.kv_transform)  # blocks run through abq's attention; FP until calibrated
     calibrator = Calibrator(model, adapter, recipe, windows, out_dir / CHECKPOINT_DIR, device, progress,
                             rotation.layer_quant(recipe.layer_quant))
     result: CalibrationResult = calibrator.run(resume=resume)
-    set_kv_quant(model, adapter, result.kv_bits)
+    set_kv_quant(model, adapter, result.kv_bits, rotation.kv_transform)
     provenance = build_provenance(recipe, source, text, result.fingerprint)
     provenance["rotation"] = rotation.provenance()
     with replacing(out_dir) as stage:  # the previous output (and the checkpoint) go once this is complete
         write_marker(stage, MARKER_KIND)
         (stage / RECIPE_YAML).write_text(recipe_yaml)
-        outputs = _write_formats(stage, recipe, model, tokenizer, recipe_yaml, result, provenance)
+        outputs = _write_formats(stage, recipe, model, tokenizer, recipe_yaml, result, provenance,
+                                 rotation.kv_transform)
         summary = {
             "scheme": describe(recipe),
             "method": cal.method,
@@ -291,11 +293,11 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
 
 
 def _write_formats(stage: Path, recipe: Recipe, model, tokenizer, recipe_yaml: str, result: CalibrationResult,
-                   provenance: dict) -> dict[str, str]:
+                   provenance: dict, kv_transform: str | None) -> dict[str, str]:
     """Each requested format into `stage`, in the recipe's order; returns format -> its path in the final
     output."""
     export = ExportInput(model, tokenizer, recipe_yaml, result.kv_bits, result.layers, result.quantized,
-                         provenance)
+                         provenance, kv_transform)
     outputs = {}
     for fmt in recipe.output.formats:
         outputs[fmt] = str(Path(recipe.output.dir) / fmt)

@@ -39,7 +39,8 @@ QUANT_METHOD = "abq"  # config.json quantization_config.quant_method of an abq-p
 class ExportInput:
     """What a format writes: the model (its quantized linears' weights already folded), its tokenizer,
     the resolved recipe text, the kv bits, and per quantized linear (full module name) its scheme and
-    integer state; `provenance` is recorded as it is in abq.json."""
+    integer state; `provenance` is recorded as it is in abq.json; `kv_transform`: the online transform
+    of q and k before their quantizer (a rotated model with quantized kv), None for none."""
 
     model: nn.Module
     tokenizer: Any
@@ -48,6 +49,7 @@ class ExportInput:
     layers: dict[str, LayerQuant]
     quantized: dict[str, QuantizedWeight]
     provenance: dict
+    kv_transform: str | None = None
 
 
 class OutputFormat(Protocol):

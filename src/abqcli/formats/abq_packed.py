@@ -52,6 +52,7 @@ from abqcli.formats import (
 from abqcli.formats.manifest import (
     base_manifest,
     check_format,
+    kv_transform_of,
     layer_meta,
     layer_quant_from_meta,
     read_manifest,
@@ -101,7 +102,8 @@ class AbqPacked:
         # keys would make two identical exports differ in bytes (config.json holds the format facts)
         save_file(tensors, str(tmp / PACKED_WEIGHTS), metadata={"format": "pt"})
         config = _model_config_dict(model, tmp)
-        config["quantization_config"] = _quantization_config(packed, export.layers, export.kv_bits, tied)
+        config["quantization_config"] = _quantization_config(packed, export.layers, export.kv_bits, tied,
+                                                             export.kv_transform)
         (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
@@ -115,7 +117,7 @@ class AbqPacked:
         meta = layer_meta(export.layers, export.quantized)
         for name, pw in packed.items():
             meta[name].update(packed_layer_stats(pw))
-        manifest = base_manifest(self, export.kv_bits, meta, export.provenance)
+        manifest = base_manifest(self, export.kv_bits, meta, export.provenance, export.kv_transform)
         manifest["tensor_format"] = TENSOR_FORMAT
         write_manifest(tmp, manifest)
 
@@ -146,9 +148,9 @@ def _packed_weights(layers: dict[str, LayerQuant], quantized: dict[str, Quantize
 
 
 def _quantization_config(packed: dict[str, PackedWeight], layers: dict[str, LayerQuant], kv_bits: int,
-                         tied: dict[str, str]) -> dict:
+                         tied: dict[str, str], kv_transform: str | None) -> dict:
     """config.json's quantization_config, what the runtime builds the model from."""
-    return {
+    config = {
         "quant_method": QUANT_METHOD,
         "format": TENSOR_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -156,6 +158,9 @@ def _quantization_config(packed: dict[str, PackedWeight], layers: dict[str, Laye
         "modules": {name: _module_meta(pw, layers[name]) for name, pw in packed.items()},
         "tied_tensors": tied,
     }
+    if kv_transform:
+        config["kv_transform"] = kv_transform
+    return config
 
 
 def _module_meta(pw: PackedWeight, quant: LayerQuant) -> dict:
@@ -344,9 +349,10 @@ def _check_agreement(manifest: dict, quant_config: dict, config_path: Path) -> N
             if ours != theirs:
                 raise InputError(f"{where} on {name} {field}: {ours!r} in {config_path.name}, "
                                  f"{theirs!r} in {ABQ_JSON}")
-    if quant_config["kv_bits"] != manifest["kv_bits"]:
-        raise InputError(f"{where} on kv_bits: {quant_config['kv_bits']!r} in {config_path.name}, "
-                         f"{manifest['kv_bits']!r} in {ABQ_JSON}")
+    for key in ("kv_bits", "kv_transform"):
+        if quant_config.get(key) != manifest.get(key):
+            raise InputError(f"{where} on {key}: {quant_config.get(key)!r} in {config_path.name}, "
+                             f"{manifest.get(key)!r} in {ABQ_JSON}")
 
 
 def _instantiate(export: PackedExport, dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -458,7 +464,7 @@ def build(directory: str | Path, dtype: str, device: str, backend: str, mode: st
     model, adapter = _instantiate(export, dt)
     replaced = _replace_quantized(model, export, tensors, mode, backend, dt)
     _load_unquantized(model, export, tensors, replaced)
-    set_kv_quant(model, adapter, export.kv_bits)
+    set_kv_quant(model, adapter, export.kv_bits, kv_transform_of(export.quant_config))
     model.eval().to(device)
     if mode == PACKED:
         for module in model.modules():

@@ -22,6 +22,7 @@ from abqcli.formats import CONFIG_JSON, QUANT_STATE, RECIPE_YAML, ExportInput, d
 from abqcli.formats.manifest import (
     base_manifest,
     check_format,
+    kv_transform_of,
     layer_meta,
     layer_quant_from_meta,
     read_manifest,
@@ -70,7 +71,8 @@ class HfFakequant:
             state[f"{name}.zeros"] = qw.zero.contiguous()
         save_file(state, str(tmp / QUANT_STATE))
         (tmp / RECIPE_YAML).write_text(export.recipe_yaml)
-        manifest = base_manifest(self, export.kv_bits, layer_meta(export.layers, export.quantized), export.provenance)
+        manifest = base_manifest(self, export.kv_bits, layer_meta(export.layers, export.quantized), export.provenance,
+                                 export.kv_transform)
         manifest["plain_load"] = plain_load_note(export.layers)
         write_manifest(tmp, manifest)
 
@@ -156,7 +158,7 @@ def open_fakequant(directory: Path, dtype: str, device: str):
             with torch.no_grad():
                 qlinear.weight.copy_(states[name].dequantize().to(qlinear.weight.dtype))
         qlinear.use_integer_weight(states[name])
-    set_kv_quant(model, adapter, manifest["kv_bits"])
+    set_kv_quant(model, adapter, manifest["kv_bits"], kv_transform_of(manifest))
     return model, tokenizer, manifest
 
 
@@ -172,4 +174,5 @@ def export_input(directory: Path, manifest: dict) -> ExportInput:
     recipe_path = directory / RECIPE_YAML
     recipe_yaml = recipe_path.read_text() if recipe_path.is_file() else ""
     provenance = {**manifest.get("provenance", {}), "packed_from": str(directory)}
-    return ExportInput(model, tokenizer, recipe_yaml, manifest["kv_bits"], layers, states, provenance)
+    return ExportInput(model, tokenizer, recipe_yaml, manifest["kv_bits"], layers, states, provenance,
+                       kv_transform_of(manifest))

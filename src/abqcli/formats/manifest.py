@@ -47,8 +47,9 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], None], overwrite: 
         fill(tmp)
 
 
-def base_manifest(fmt: OutputFormat, kv_bits: int, layers: dict, provenance: dict) -> dict:
-    return {
+def base_manifest(fmt: OutputFormat, kv_bits: int, layers: dict, provenance: dict,
+                  kv_transform: str | None = None) -> dict:
+    manifest = {
         "tool": "abq",
         "tool_version": __version__,
         "format": fmt.name,
@@ -57,6 +58,20 @@ def base_manifest(fmt: OutputFormat, kv_bits: int, layers: dict, provenance: dic
         "layers": layers,
         "provenance": provenance,
     }
+    if kv_transform:
+        manifest["kv_transform"] = kv_transform
+    return manifest
+
+
+def kv_transform_of(meta: dict) -> str | None:
+    """A manifest's (or quantization_config's) `kv_transform`, checked: an unknown one is an InputError."""
+    return _known_transform(meta.get("kv_transform"), "kv_transform")
+
+
+def _known_transform(transform: str | None, key: str) -> str | None:
+    if transform is not None and transform not in INPUT_TRANSFORMS:
+        raise InputError(f"unknown {key} {transform!r} (this abq knows: {', '.join(INPUT_TRANSFORMS)})")
+    return transform
 
 
 def layer_meta(layers: dict[str, LayerQuant], quantized: dict[str, QuantizedWeight]) -> dict[str, dict]:
@@ -80,9 +95,7 @@ def layer_meta(layers: dict[str, LayerQuant], quantized: dict[str, QuantizedWeig
 
 def layer_quant_from_meta(meta: dict) -> LayerQuant:
     """A layer's quantization from its metadata; an unknown `input_transform` is an InputError."""
-    transform = meta.get("input_transform")
-    if transform is not None and transform not in INPUT_TRANSFORMS:
-        raise InputError(f"unknown input_transform {transform!r} (this abq knows: {', '.join(INPUT_TRANSFORMS)})")
+    transform = _known_transform(meta.get("input_transform"), "input_transform")
     return LayerQuant(WeightQuantSpec(meta["bits"], meta["group_size"], meta["balance"]), meta["act_bits"],
                       transform)
 

@@ -7,7 +7,9 @@
   it then computes in the integer domain exactly as the packed runtime does.
 - q, k, v are fake-quantized per (head, token) over head_dim inside the attention function, which is
   registered with transformers' attention registry as "abq" (k after RoPE, as the model computes it).
-  The per-module bit width lives on the attention module as `abq_kv_bits`.
+  The per-module bit width lives on the attention module as `abq_kv_bits`; a rotated model also
+  transforms q and k online (after RoPE, before their quantizer) by `abq_kv_transform` (R3: q·kᵀ is
+  unchanged by an orthogonal transform of both).
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def abq_attention(module: nn.Module, query, key, value, attention_mask, scaling=
     heads) in `module.abq_probs` for the attention-KL loss; otherwise it calls SDPA.
     """
     bits = getattr(module, "abq_kv_bits", FP_BITS)
+    transform = getattr(module, "abq_kv_transform", None)
+    query, key = apply_input_transform(query, transform), apply_input_transform(key, transform)
     query = fake_quantize_activation(query, bits)
     key = fake_quantize_activation(key, bits)
     value = fake_quantize_activation(value, bits)
@@ -150,12 +154,15 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def set_kv_quant(model: nn.Module, adapter: Adapter, kv_bits: int) -> None:
-    """Route every block's attention through "abq" with q/k/v at `kv_bits`."""
+def set_kv_quant(model: nn.Module, adapter: Adapter, kv_bits: int, kv_transform: str | None = None) -> None:
+    """Route every block's attention through "abq" with q/k/v at `kv_bits`, q and k transformed online
+    by `kv_transform` (None: not) before their quantizer."""
     register_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     for block in adapter.blocks(model):
-        block.get_submodule(adapter.attention).abq_kv_bits = kv_bits
+        attention = block.get_submodule(adapter.attention)
+        attention.abq_kv_bits = kv_bits
+        attention.abq_kv_transform = kv_transform
 
 
 def wrap_block_linears(
@@ -189,7 +196,8 @@ def wrap_linears(
 
 @torch.no_grad()
 def apply_rtn(
-    model: nn.Module, adapter: Adapter, layer_quant: Callable[[str], LayerQuant | None], kv_bits: int
+    model: nn.Module, adapter: Adapter, layer_quant: Callable[[str], LayerQuant | None], kv_bits: int,
+    kv_transform: str | None = None,
 ) -> tuple[dict[str, QuantLinear], dict[str, QuantizedWeight]]:
     """Round-to-nearest fake quantization of the whole model, in place: each quantized linear holds its
     dequantized weight and runs in the integer domain (see `QuantLinear`). Returns the wrappers and
@@ -200,5 +208,5 @@ def apply_rtn(
         states[name] = quantize_weight(qlinear.weight, qlinear.quant.weight)
         qlinear.weight.copy_(states[name].dequantize().to(qlinear.weight.dtype))
         qlinear.use_integer_weight(states[name])
-    set_kv_quant(model, adapter, kv_bits)
+    set_kv_quant(model, adapter, kv_bits, kv_transform)
     return wrapped, states

@@ -10,7 +10,9 @@ With row vectors (a linear computes y = x·Wᵀ with W [out, in]) and an orthogo
   columns of query head h W[:, h] ← W[:, h]·R2 — one R2 for every head, so GQA's head sharing holds;
 - R4, online: the input x of each `adapter.online_rotated` linear is transformed at inference by the
   Hadamard transform x·H (`quant.hadamard`), so its weight becomes W ← W·H; the layer records
-  `input_transform: hadamard` and every runtime applies it before the activation quantizer.
+  `input_transform: hadamard` and every runtime applies it before the activation quantizer;
+- R3, online, only when kv is quantized: q and k are transformed by the Hadamard transform of head_dim
+  after RoPE and before their quantizer (q·H·(k·H)ᵀ = q·kᵀ); the export records `kv_transform`.
 
 The model computes the same function in exact arithmetic. R1 and R2 live in the weights (zero runtime
 cost). Tied embeddings are untied (the lm_head gets the final norm's weight, the embeddings do not).
@@ -32,7 +34,7 @@ from torch import nn
 
 from abqcli.errors import InputError
 from abqcli.quant.hadamard import HADAMARD, has_hadamard, orthonormal_hadamard
-from abqcli.quant.quantizer import LayerQuant
+from abqcli.quant.quantizer import FP_BITS, LayerQuant
 
 if TYPE_CHECKING:  # the recipe reads ROTATIONS: this module stays free of the model layer at import
     from abqcli.models.adapters import Adapter
@@ -49,6 +51,7 @@ class RotationResult:
     kind: str = NONE
     online: dict[str, str] | None = None
     untied_embeddings: bool = False
+    kv_transform: str | None = None
 
     def layer_quant(self, layer_quant: Callable[[str], LayerQuant | None]) -> Callable[[str], LayerQuant | None]:
         """`layer_quant` with each rotated linear's online transform added."""
@@ -63,8 +66,9 @@ class RotationResult:
         return with_transform
 
     def provenance(self) -> dict:
-        return {"kind": self.kind, "online": sorted(set((self.online or {}).values())),
-                "untied_embeddings": self.untied_embeddings}
+        online = set((self.online or {}).values()) | ({self.kv_transform} if self.kv_transform else set())
+        return {"kind": self.kind, "online": sorted(online), "untied_embeddings": self.untied_embeddings,
+                "kv_transform": self.kv_transform}
 
 
 def _dims(model: nn.Module, adapter: Adapter) -> tuple[int, int, int]:
@@ -77,13 +81,15 @@ def _dims(model: nn.Module, adapter: Adapter) -> tuple[int, int, int]:
 
 def rotation_problem(model: nn.Module, adapter: Adapter, kind: str,
                      quantized: Callable[[str], bool]) -> str | None:
-    """Why `kind` cannot rotate this model exactly (one sentence), or None."""
+    """Why `kind` cannot rotate this model exactly (one sentence), or None. (head_dim needs a Hadamard
+    matrix for R2 with `hadamard`, and for R3 with either kind when kv is quantized: checked always.)"""
     if kind == NONE:
         return None
     if adapter.rotation_problem:
         return f"calibration.rotation: {adapter.rotation_problem}"
     hidden, head_dim, _ = _dims(model, adapter)
-    sizes = {"hidden size": hidden, "head_dim": head_dim} if kind == RANDOM_HADAMARD else {}
+    sizes = {"hidden size": hidden} if kind == RANDOM_HADAMARD else {}
+    sizes["head_dim"] = head_dim
     for index, block in enumerate(adapter.blocks(model)):
         for rel in adapter.online_rotated:
             if quantized(f"{adapter.block_prefix(index)}.{rel}"):
@@ -190,9 +196,10 @@ def rotate_online(model: nn.Module, adapter: Adapter, quantized: Callable[[str],
 
 @torch.no_grad()
 def rotate_model(model: nn.Module, adapter: Adapter, kind: str, seed: int,
-                 quantized: Callable[[str], bool]) -> RotationResult:
+                 quantized: Callable[[str], bool], kv_bits: int = FP_BITS) -> RotationResult:
     """Rotate `model` in place (module docstring); `quantized(name)` says which linears are quantized
-    (only those get the online transform). Refuses what cannot be rotated exactly."""
+    (only those get the online transform), `kv_bits` < 16 adds R3. Refuses what cannot be rotated
+    exactly."""
     if kind == NONE:
         return RotationResult()
     problem = rotation_problem(model, adapter, kind, quantized)
@@ -205,4 +212,4 @@ def rotate_model(model: nn.Module, adapter: Adapter, kind: str, seed: int,
     rotate_residual(model, adapter, rotation_matrix(hidden, kind, generator))
     rotate_heads(model, adapter, rotation_matrix(head_dim, kind, generator))
     online = rotate_online(model, adapter, quantized)
-    return RotationResult(kind, online, untied)
+    return RotationResult(kind, online, untied, HADAMARD if kv_bits < FP_BITS else None)
