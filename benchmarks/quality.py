@@ -108,8 +108,8 @@ def markdown(results: dict) -> str:
     title = (f"SmolLM2-135M, wiki.test.raw, first {results['protocol']['windows']} windows x "
              f"{results['protocol']['seqlen']} tokens. FP perplexity **{fp:.3f}**.")
     lines = [title, "",
-             "| scheme | bits/weight | RTN ppl | RTN + rotation | recipe (ABQ) ppl | recipe rotation | calibration s "
-             "| peak RSS MB |",
+             ("| scheme | bits/weight | RTN ppl | RTN + rotation | recipe (ABQ) ppl | recipe rotation "
+              "| calibration s | peak RSS MB |"),
              "|---|---|---|---|---|---|---|---|"]
     for name, row in results["schemes"].items():
         if "abq" not in row:
