@@ -186,6 +186,26 @@ def test_btc_linear_matches_cpu(case, m, kernel):
 
 
 @_mark
+def test_btc_linear_with_an_online_hadamard_transform():
+    """A rotated model's down_proj (K = 1536 = 12·128): BTCLinear transforms the input on the GPU before
+    the quantize-and-pack kernel; fed the CPU's transformed input, the kernel gives the CPU's output."""
+    from abqcli.quant.hadamard import apply_input_transform
+    from abqcli.runtime import BTCLinear
+
+    w = _packed_weight(576, 1536, 4, False, None)
+    x = torch.randn(37, 1536, generator=torch.Generator().manual_seed(5))
+    rotated = apply_input_transform(x, "hadamard")
+    _assert_close(apply_input_transform(x.cuda(), "hadamard"), rotated, 1e-6)
+    want = BTCLinear(w, 4, None, "cpu", "hadamard")(x)
+    _assert_close(bc.btc_linear(rotated.cuda(), w, 4), want, 1e-5)
+    got = BTCLinear(w, 4, None, "cupy", "hadamard")(x.cuda())
+    assert got.is_cuda and got.shape == want.shape
+    # the GPU's own transform rounds in its own order: an activation on a rounding tie may take the
+    # neighbouring A4 code, so only the mean error is bounded here
+    assert float((got.cpu() - want).abs().mean()) <= 1e-2 * float(want.abs().mean())
+
+
+@_mark
 def test_btc_linear_backend_dispatch_shapes_and_dtypes():
     w = _packed_weight(192, 576, 4, False, None)
     x = torch.randn(2, 5, 576)

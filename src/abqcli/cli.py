@@ -235,8 +235,10 @@ def quantize_cmd(
     if output is not None and not output.strip():
         raise InputError("--output is empty: give the output directory")
     resolved = load_recipe(recipe, [*sets, *([f"output.dir={output}"] if output is not None else [])])
+    rotation = resolved.calibration.rotation
     err.print(f"abq quantize: {describe(resolved)}, method {resolved.calibration.method}, "
-              f"model {resolved.model.path} -> {resolved.output.dir}", markup=False, highlight=False)
+              + (f"{rotation} rotation, " if rotation != "none" else "")
+              + f"model {resolved.model.path} -> {resolved.output.dir}", markup=False, highlight=False)
     try:
         with _progress() as progress:
             summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress),

@@ -282,6 +282,7 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
             "scheme": describe(recipe),
             "method": cal.method,
             "rounding": provenance["rounding"],
+            "rotation": provenance["rotation"]["kind"],
             "outputs": outputs,
             "seconds": round(time.perf_counter() - start, 2),
             "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),
