@@ -10,7 +10,10 @@ With row vectors (a linear computes y = x·Wᵀ with W [out, in]) and an orthogo
   columns of query head h W[:, h] ← W[:, h]·R2 — one R2 for every head, so GQA's head sharing holds;
 - R4, online: the input x of each `adapter.online_rotated` linear is transformed at inference by the
   Hadamard transform x·H (`quant.hadamard`), so its weight becomes W ← W·H; the layer records
-  `input_transform: hadamard` and every runtime applies it before the activation quantizer;
+  `input_transform: hadamard` and every runtime applies it before the activation quantizer. The rotated
+  nn.Linear itself gets a forward pre-hook that applies the transform, so the rotated model (and any
+  copy of its blocks: the FP teacher of calibration) still computes the original function; the
+  quantized wrappers (`QuantLinear`, `BTCLinear`) apply it themselves;
 - R3, online, only when kv is quantized: q and k are transformed by the Hadamard transform of head_dim
   after RoPE and before their quantizer (q·H·(k·H)ᵀ = q·kᵀ); the export records `kv_transform`.
 
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from abqcli.errors import InputError
-from abqcli.quant.hadamard import HADAMARD, has_hadamard, orthonormal_hadamard
+from abqcli.quant.hadamard import HADAMARD, apply_input_transform, has_hadamard, orthonormal_hadamard
 from abqcli.quant.quantizer import FP_BITS, LayerQuant
 
 if TYPE_CHECKING:  # the recipe reads ROTATIONS: this module stays free of the model layer at import
@@ -181,8 +184,14 @@ def rotate_heads(model: nn.Module, adapter: Adapter, r2: torch.Tensor) -> None:
         _right(out, torch.block_diag(*[r2] * (out.in_features // head_dim)))
 
 
+def online_hadamard_hook(_module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of an FP linear rotated by R4: its input gets the online Hadamard transform."""
+    return (apply_input_transform(args[0], HADAMARD), *args[1:])
+
+
 def rotate_online(model: nn.Module, adapter: Adapter, quantized: Callable[[str], bool]) -> dict[str, str]:
-    """R4: W ← W·H for every quantized `online_rotated` linear; returns their online transforms."""
+    """R4: W ← W·H for every quantized `online_rotated` linear, which gets `online_hadamard_hook`;
+    returns their online transforms."""
     online = {}
     for index, block in enumerate(adapter.blocks(model)):
         for rel in adapter.online_rotated:
@@ -190,6 +199,7 @@ def rotate_online(model: nn.Module, adapter: Adapter, quantized: Callable[[str],
             if quantized(name):
                 linear = block.get_submodule(rel)
                 _right(linear, orthonormal_hadamard(linear.in_features))
+                linear.register_forward_pre_hook(online_hadamard_hook)
                 online[name] = HADAMARD
     return online
 
