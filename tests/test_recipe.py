@@ -215,6 +215,8 @@ BAD = [
     ({"calibration": {"method": "awq"}}, "calibration.method: expected one of: abq, gptq, rtn, got 'awq'"),
     ({"calibration": {"rounding": "stochastic"}},
      "calibration.rounding: expected one of: nearest, gptq, learned, got 'stochastic'"),
+    ({"calibration": {"rotation": "quarot"}},
+     "calibration.rotation: expected one of: none, hadamard, random-orthogonal, got 'quarot'"),
     ({"calibration": {"gptq": {"damp": 0}}}, "calibration.gptq.damp: expected a number above 0, up to 1, got 0"),
     ({"calibration": {"gptq": {"act_order": "yes"}}}, "calibration.gptq.act_order: expected true or false"),
     ({"calibration": {"learned": {"lr": -1}}}, "calibration.learned.lr: expected a positive number, got -1"),
