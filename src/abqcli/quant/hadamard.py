@@ -113,17 +113,20 @@ def orthonormal_hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Te
     return hadamard_matrix(n).to(dtype) / math.sqrt(n)
 
 
+@lru_cache(maxsize=32)
+def _normalised_factors(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Â, B̂) = (A / √m, B / √p) in this dtype on this device, built once (the transform runs per forward)."""
+    a, b = _factors(n)
+    return ((a.to(dtype) / math.sqrt(a.shape[0])).to(device), (b.to(dtype) / math.sqrt(b.shape[0])).to(device))
+
+
 def hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """The online transform y = x · H / √n over the last dimension (module docstring), in x's dtype:
     Y = (Âᵀ · X) · B̂ with Â = A / √m and B̂ = B / √p. `inverse`: y = x · Hᵀ / √n, Y = (Â · X) · B̂ᵀ."""
-    n = x.shape[-1]
-    a, b = _factors(n)
-    m, p = a.shape[0], b.shape[0]
-    a_hat = (a.to(x.dtype) / math.sqrt(m)).to(x.device)
-    b_hat = (b.to(x.dtype) / math.sqrt(p)).to(x.device)
+    a_hat, b_hat = _normalised_factors(x.shape[-1], x.dtype, x.device)
     if inverse:
         a_hat, b_hat = a_hat.T, b_hat.T
-    grid = x.reshape(*x.shape[:-1], m, p)
+    grid = x.reshape(*x.shape[:-1], a_hat.shape[0], b_hat.shape[0])
     return torch.matmul(torch.matmul(a_hat.T, grid), b_hat).reshape(x.shape)
 
 

@@ -29,7 +29,7 @@ the plain Hadamard transform in both (a third party rebuilds it from its order a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,13 +52,13 @@ class RotationResult:
     tied embeddings were untied."""
 
     kind: str = NONE
-    online: dict[str, str] | None = None
+    online: dict[str, str] = field(default_factory=dict)
     untied_embeddings: bool = False
     kv_transform: str | None = None
 
     def layer_quant(self, layer_quant: Callable[[str], LayerQuant | None]) -> Callable[[str], LayerQuant | None]:
         """`layer_quant` with each rotated linear's online transform added."""
-        online = self.online or {}
+        online = self.online
 
         def with_transform(name: str) -> LayerQuant | None:
             quant = layer_quant(name)
@@ -69,7 +69,7 @@ class RotationResult:
         return with_transform
 
     def provenance(self) -> dict:
-        online = set((self.online or {}).values()) | ({self.kv_transform} if self.kv_transform else set())
+        online = set(self.online.values()) | ({self.kv_transform} if self.kv_transform else set())
         return {"kind": self.kind, "online": sorted(online), "untied_embeddings": self.untied_embeddings,
                 "kv_transform": self.kv_transform}
 
