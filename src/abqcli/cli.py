@@ -178,6 +178,31 @@ def eval_cmd(
     _write_json(json_path, result.to_dict())
 
 
+@app.command("generate")
+def generate_cmd(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue.")],
+    model: ModelOpt = "smollm2-135m",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most (fewer at end of text).")] = 32,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the tokenizer's chat template.")] = False,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: seeded sampling.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling generator.")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    backend: Annotated[str, typer.Option(help=f"GEMM backend for packed models: {BACKEND_CHOICES}.")] = "cpu",
+    json_path: JsonOpt = None,
+) -> None:
+    """Continue a prompt with a model (FP, hf-fakequant, abq-packed or compressed-tensors) and print the
+    text and tokens per second: a look at what quantization did to the model."""
+    from abqcli.generate import generate
+
+    _check_json_path(json_path)
+    result = generate(model, prompt, max_new_tokens, chat, temperature, seed, dtype, device, backend)
+    out.print(result.text, markup=False, highlight=False, soft_wrap=True)
+    err.print(f"{result.new_tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_second:.2f} tokens/s "
+              f"({result.mode})", markup=False, highlight=False, soft_wrap=True)
+    _write_json(json_path, result.to_dict())
+
+
 class RichCalibrationProgress:
     """Renders the calibration loop: one bar per block, then a line with loss first -> last, time, memory.
 
@@ -258,11 +283,15 @@ def pack_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the abq-packed export.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing abq output directory (once the new "
                                             "one is complete).")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="abq-packed (BTC bit planes, abq's runtime) or "
+                                     "compressed-tensors (transformers / vLLM).")] = "abq-packed",
 ) -> None:
-    """Pack an hf-fakequant output into the BTC bit-plane format (abq-packed)."""
+    """Pack an hf-fakequant output into the BTC bit-plane format (abq-packed) or compressed-tensors."""
     from abqcli.formats.abq_packed import pack_fakequant
 
-    written = pack_fakequant(directory, output, overwrite)
+    if fmt not in ("abq-packed", "compressed-tensors"):
+        raise InputError(f"--format {fmt}: expected abq-packed or compressed-tensors")
+    written = pack_fakequant(directory, output, overwrite, fmt)
     out.print(f"wrote {written}", markup=False, highlight=False, soft_wrap=True)
 
 

@@ -11,7 +11,7 @@ from fnmatch import fnmatch
 
 from abqcli.errors import InputError
 from abqcli.recipe import Recipe, show_value
-from abqcli.registry import METHODS
+from abqcli.registry import FORMATS, METHODS
 
 
 def check_loss_terms(recipe: Recipe) -> None:
@@ -88,6 +88,7 @@ def check_recipe_fits(recipe: Recipe, model, adapter) -> None:
     check_something_quantized(recipe, names)
     check_group_sizes(recipe, model, adapter)
     check_rotation(recipe, model, adapter)
+    check_formats_hold(recipe, model, adapter)
 
 
 def check_rotation(recipe: Recipe, model, adapter) -> None:
@@ -98,3 +99,20 @@ def check_rotation(recipe: Recipe, model, adapter) -> None:
                                lambda name: recipe.layer_quant(name) is not None)
     if problem:
         raise InputError(problem)
+
+
+def check_formats_hold(recipe: Recipe, model, adapter) -> None:
+    """Each listed output format must hold this model as the recipe quantizes it (`recipe_problem`:
+    e.g. compressed-tensors needs group sizes that divide every layer's input size), before calibrating."""
+    layers, in_features = {}, {}
+    for index, block in enumerate(adapter.blocks(model)):
+        prefix = adapter.block_prefix(index)
+        for rel in adapter.linear_names(block):
+            quant = recipe.layer_quant(f"{prefix}.{rel}")
+            if quant is not None:
+                layers[f"{prefix}.{rel}"] = quant
+                in_features[f"{prefix}.{rel}"] = block.get_submodule(rel).in_features
+    for fmt in recipe.output.formats:
+        problem = FORMATS.load(fmt).recipe_problem(recipe.calibration.rotation, recipe.kv_bits, in_features, layers)
+        if problem:
+            raise InputError(f"output.formats {fmt}: {problem}")

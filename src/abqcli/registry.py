@@ -45,6 +45,7 @@ METHODS = Registry("calibration method", {
 FORMATS = Registry("output format", {
     "abq-packed": "abqcli.formats.abq_packed:ABQ_PACKED",
     "hf-fakequant": "abqcli.formats.hf_fakequant:HF_FAKEQUANT",
+    "compressed-tensors": "abqcli.formats.compressed_tensors:COMPRESSED_TENSORS",
 })
 
 # --backend -> a GemmBackend (abqcli/btc/backends/)

@@ -62,6 +62,11 @@ class OutputFormat(Protocol):
     def layer_problem(self, weight: WeightQuantSpec, act_bits: int) -> str | None:
         """Why this format cannot hold a layer of this scheme (one sentence), or None."""
 
+    def recipe_problem(self, rotation: str, kv_bits: int, in_features: dict[str, int],
+                       layers: dict[str, LayerQuant]) -> str | None:
+        """Why this format cannot hold the model as the recipe quantizes it (`calibration.rotation`, the kv
+        bits, each quantized linear's input size and scheme), or None; checked before calibrating."""
+
     def required_files(self, directory: Path) -> list[str]:
         """The files of `directory` its reader loads, which its manifest must therefore list."""
 

@@ -61,6 +61,7 @@ from abqcli.formats.manifest import (
     write_manifest,
 )
 from abqcli.quant.quantizer import FP_BITS, LayerQuant, QuantizedWeight, WeightQuantSpec, qmax_for
+from abqcli.registry import FORMATS
 from abqcli.runtime import BTCLinear, require_backend
 
 PACKED_WEIGHTS = "model.safetensors"
@@ -81,6 +82,11 @@ class AbqPacked:
         return (f"group_size {gs} cannot be packed: with quantized activations (A{act_bits}) the BTC GEMM "
                 f"needs per-channel weights (group_size: null) or a group size that is a multiple of "
                 f"{K_ALIGN}; change group_size or drop abq-packed from output.formats")
+
+    def recipe_problem(self, rotation: str, kv_bits: int, in_features: dict[str, int],
+                       layers: dict[str, LayerQuant]) -> str | None:
+        """Every model and rotation the layers' schemes allow."""
+        return None
 
     def required_files(self, directory: Path) -> list[str]:
         return [CONFIG_JSON, PACKED_WEIGHTS]
@@ -252,8 +258,9 @@ def _model_config_dict(model: nn.Module, tmp: Path) -> dict:
     return config
 
 
-def pack_fakequant(src_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """`abq pack FAKEQUANT_DIR --output DIR`: the abq-packed export of an hf-fakequant directory
+def pack_fakequant(src_dir: Path, out_dir: Path, overwrite: bool = False, fmt: str = "abq-packed") -> Path:
+    """`abq pack FAKEQUANT_DIR --output DIR [--format F]`: the `fmt` export (abq-packed, or another
+    registered format such as compressed-tensors) of an hf-fakequant directory
     (`hf_fakequant.export_input`: its integer state, its checkpoint for everything else, its recipe and
     provenance). The output is checked (`outputs.resolve_output`: never the source, nor around or inside
     it) and locked before the model loads; it replaces only an abq output.
@@ -270,7 +277,7 @@ def pack_fakequant(src_dir: Path, out_dir: Path, overwrite: bool = False) -> Pat
             raise InputError(f"output directory exists: {out_dir} (pass --overwrite to replace it)")
         if outputs.entries(target) and not outputs.is_abq_dir(target):
             outputs.refuse_foreign(target, out_dir)
-        ABQ_PACKED.write(target, export_input(src_dir, manifest), overwrite=overwrite)
+        FORMATS.load(fmt).write(target, export_input(src_dir, manifest), overwrite=overwrite)
     return out_dir
 
 

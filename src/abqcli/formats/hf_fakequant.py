@@ -41,6 +41,11 @@ class HfFakequant:
         """Any scheme: the checkpoint holds dequantized weights and the integer state as they are."""
         return None
 
+    def recipe_problem(self, rotation: str, kv_bits: int, in_features: dict[str, int],
+                       layers: dict[str, LayerQuant]) -> str | None:
+        """Every model and rotation the layers' schemes allow."""
+        return None
+
     def required_files(self, directory: Path) -> list[str]:
         """config.json, the integer state and the checkpoint's weight files (with their index)."""
         from abqcli.models.loading import SAFETENSORS_INDEX, weight_files
