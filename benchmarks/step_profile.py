@@ -1,0 +1,156 @@
+"""Where the seconds of one ABQ block go on this CPU: the phases of a block and the cost of one
+optimizer step in float32 and under bfloat16 autocast.
+
+A benchmark script, not a test: it measures and writes numbers.
+
+    python benchmarks/step_profile.py                                     # W4A4 recipe, block 15
+    python benchmarks/step_profile.py --recipe configs/smollm2-w4a16-g128.yaml
+
+The block is calibrated as the loop does it (`block_bench.block_context`: the FP model's input to
+`--block`), with the recipe's rotation turned off (block_bench builds an unrotated model). Phases are
+timed by wrapping the library functions that do them: the teacher passes (`run_block`), the
+attention maps of the KL term (`record_probs`), LET's activation statistics, the GPTQ Hessians and
+rounding, and the training steps. Then `--steps` more optimizer steps are timed in float32 and with the
+student's forward under `torch.autocast("cpu", torch.bfloat16)` (the backward follows it), and the
+float32 step is split by operator with torch.profiler. Writes benchmarks/results/step_profile-<recipe>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+TIMED = {  # module -> functions whose wall time is a phase of the block
+    "abqcli.quant.methods": ("run_block", "collect_hessians", "gptq_quantize"),
+    "abqcli.quant.methods.abq": ("record_probs", "collect_activation_stats"),
+}
+
+
+def _timed(function, name: str, phases: dict[str, float]):
+    @functools.wraps(function)
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+    return timed
+
+
+def time_phases(phases: dict[str, float]) -> None:
+    """Wrap the TIMED functions so that their wall time adds up in `phases`."""
+    import importlib
+
+    for module_name, names in TIMED.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, _timed(getattr(module, name), name, phases))
+
+
+def calibrate_block(recipe, base, block_index: int, phases: dict[str, float]):
+    """prepare / train / fold of the block, each timed; returns (method, ctx, seconds per step)."""
+    from abqcli.registry import METHODS
+
+    calibrator, block, hidden, kwargs = base
+    start = time.perf_counter()
+    ctx = calibrator._context(block_index, copy.deepcopy(block), hidden, hidden, kwargs)
+    phases["context (copy, FP teacher pass)"] = time.perf_counter() - start
+    method = METHODS.load(recipe.calibration.method)(recipe, calibrator.adapter)
+    for p in ctx.qblock.parameters():
+        p.requires_grad_(False)
+    marks: list[float] = []
+    for phase, call in (("prepare", lambda: method.prepare(ctx)),
+                        ("train", lambda: method.train(ctx, lambda *_: marks.append(time.perf_counter()))),
+                        ("fold", lambda: method.fold(ctx))):
+        t = time.perf_counter()
+        call()
+        phases[phase] = time.perf_counter() - t
+    phases["block total"] = time.perf_counter() - start
+    phases["training steps (after the first)"] = marks[-1] - marks[0]
+    return method, ctx, (marks[-1] - marks[0]) / (len(marks) - 1)
+
+
+def step_seconds(recipe, base, block_index: int, steps: int, bf16: bool, profile: bool = False):
+    """Seconds per optimizer step on a freshly prepared block (and a profiler table when asked)."""
+    from abqcli.registry import METHODS
+
+    calibrator, block, hidden, kwargs = base
+    ctx = calibrator._context(block_index, copy.deepcopy(block), hidden, hidden, kwargs)
+    method = METHODS.load(recipe.calibration.method)(recipe, calibrator.adapter)
+    for p in ctx.qblock.parameters():
+        p.requires_grad_(False)
+    method.prepare(ctx)
+    optimizer = torch.optim.AdamW([g for g in method.param_groups() if g["params"]], weight_decay=0.0)
+    fp_on_q = ctx.run(ctx.fp_block, ctx.q_in)
+    probs = method._teacher_probs(ctx)
+    batches = ctx.batches()
+
+    def step(i: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = method._loss(ctx, batches[i % len(batches)], fp_on_q, probs[i % len(batches)] if probs else None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step(0)  # warm-up
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    seconds = (time.perf_counter() - start) / steps
+    if not profile:
+        return seconds, None
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(3):
+            step(i)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return seconds, {e.key: round(e.self_cpu_time_total / total, 4) for e in ops[:12]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="configs/smollm2-w4a4.yaml")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--block", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    from block_bench import block_context
+
+    from abqcli.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, ["calibration.rotation=none"])
+    base = block_context(recipe, args.data_dir, args.block)
+    phases: dict[str, float] = {}
+    time_phases(phases)
+    _, _, per_step = calibrate_block(recipe, base, args.block, phases)
+    phases = dict(phases)  # the block's own phases; the step timings below prepare two more blocks
+    fp32, ops = step_seconds(recipe, base, args.block, args.steps, bf16=False, profile=True)
+    bf16, _ = step_seconds(recipe, base, args.block, args.steps, bf16=True)
+    result = {"recipe": args.recipe, "block": args.block, "threads": torch.get_num_threads(),
+              "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
+              "seconds_per_step_in_block": round(per_step, 4),
+              "seconds_per_step": {"float32": round(fp32, 4), "bfloat16 autocast": round(bf16, 4)},
+              "bf16_speedup": round(fp32 / bf16, 3), "float32_step_self_cpu_share": ops}
+    path = Path(args.out) / f"step_profile-{Path(args.recipe).stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
