@@ -351,3 +351,29 @@ def test_manifest_without_its_seal(exports, tmp_path, refused):
     model = copy_of(exports["fakequant"], tmp_path)
     edit_json(model / "abq.json", lambda manifest: manifest.pop("manifest_sha256"))
     refused("eval", model, r"abq\.json has no manifest_sha256 \(written by an older abq, or edited\)")
+
+
+def edit_tensor(directory: Path, name: str, edit) -> None:
+    """Change one tensor of model.safetensors in place (and re-seal the manifest to reach the reader)."""
+    path = directory / "model.safetensors"
+    tensors = load_file(path)
+    tensors[name] = edit(tensors[name].clone())
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    fix_checksum(directory, "model.safetensors")
+
+
+def _set_padding_bit(planes):
+    planes.view(torch.int32)[0, 0, -1] |= 1 << 31  # column Kp - 1: K = 64 of the tiny model pads to 128
+    return planes
+
+
+@pytest.mark.parametrize("tensor, edit, match", [
+    ("btc_planes", _set_padding_bit, "non-zero padding bits"),
+    ("btc_code_sums", lambda sums: sums + 1, "code_sums are not the sums of the stored codes"),
+    ("btc_zeros", lambda zeros: zeros + 0.5, "zero points must be integers"),
+    ("btc_scales", lambda scales: -scales, "scales must be finite and positive"),
+])
+def test_packed_tensors_whose_content_a_reader_must_refuse(exports, tmp_path, refused, tensor, edit, match):
+    model = copy_of(exports["packed"], tmp_path)
+    edit_tensor(model, f"{LAYER}.{tensor}", edit)
+    refused("eval", model, f"{LAYER}: bad BTC tensors: {match}")

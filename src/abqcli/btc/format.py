@@ -194,6 +194,24 @@ class PackedWeight:
             group_size=spec.group_size,
         )
 
+    def check_content(self) -> None:
+        """What a reader must refuse (docs/FORMAT.md §7), as ValueError: a non-zero padding bit, a code
+        above qmax (W2*'s 3 planes can spell 5..7), code sums that are not the sums of the stored codes,
+        zero points that are not integers in [0, qmax], and scales that are not finite and positive."""
+        k, kp = self.in_features, padded_k(self.in_features)
+        if kp != k and bool((unpack_planes(self.planes, kp)[:, k:] != 0).any()):
+            raise ValueError(f"non-zero padding bits in columns {k}..{kp - 1}")
+        codes = self.codes()
+        if int(codes.max()) > self.qmax:
+            raise ValueError(f"codes up to {int(codes.max())}, above qmax {self.qmax}")
+        if not torch.equal(group_code_sums(codes, self.group_size), self.code_sums):
+            raise ValueError("code_sums are not the sums of the stored codes")
+        zero = self.zero
+        if not bool((zero == zero.round()).all()) or float(zero.min()) < 0 or float(zero.max()) > self.qmax:
+            raise ValueError(f"zero points must be integers in [0, {self.qmax}]")
+        if not bool(torch.isfinite(self.scale).all()) or float(self.scale.min()) <= 0:
+            raise ValueError("scales must be finite and positive")
+
     def codes(self) -> torch.Tensor:
         """Unpacked weight codes, uint8 [N, K]."""
         return unpack_planes(self.planes, self.in_features)
@@ -257,7 +275,7 @@ def packed_weight_from_tensors(name: str, tensors: Mapping[str, torch.Tensor], m
         raise InputError(f"{names['planes']}: expected uint32, got {planes.dtype}")
     try:
         group_size = meta["group_size"]
-        return PackedWeight(
+        pw = PackedWeight(
             planes=planes.view(torch.int32),
             scale=tensors[names["scales"]],
             zero=tensors[names["zeros"]],
@@ -268,5 +286,7 @@ def packed_weight_from_tensors(name: str, tensors: Mapping[str, torch.Tensor], m
             balance=bool(meta["balance"]),
             group_size=None if group_size is None else int(group_size),
         )
+        pw.check_content()
+        return pw
     except ValueError as exc:
         raise InputError(f"{name}: bad BTC tensors: {exc}") from exc
