@@ -60,12 +60,12 @@ def block_context(recipe, data_dir: str | None, block_index: int):
     windows, _ = calibration_windows(recipe, tokenizer, data_dir)
     set_kv_quant(model, adapter, 16)
     calibrator = Calibrator(model, adapter, recipe, windows, Path("/nonexistent"), torch.device("cpu"))
-    hidden, kwargs = adapter.capture_block_inputs(model, windows)
+    hidden, block_kwargs = adapter.capture_block_inputs(model, windows)
     blocks = adapter.blocks(model)
     with torch.no_grad():
-        for block in blocks[:block_index]:
+        for block, kwargs in zip(blocks[:block_index], block_kwargs):
             hidden = torch.cat([block(hidden[i:i + 1], **kwargs) for i in range(len(hidden))])
-    return calibrator, blocks[block_index], hidden, kwargs
+    return calibrator, blocks[block_index], hidden, block_kwargs[block_index]
 
 
 def calibrate_block(recipe, base, block_index: int) -> dict:

@@ -79,32 +79,43 @@ class Adapter:
     def attention_module(self, block: nn.Module) -> nn.Module:
         return block.get_submodule(self.attention)
 
-    def capture_block_inputs(self, model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The first block's input hidden states for every window, [n, T, H] on the CPU, and the keyword
-        arguments the model passes to its blocks (position embeddings, mask), taken from the first window
-        and used for every block and window."""
-        first = self.blocks(model)[0]
+    def capture_block_inputs(self, model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """The first block's input hidden states for every window, [n, T, H] on the CPU, and per block the
+        keyword arguments the model passes to it (position embeddings, attention mask), on the CPU.
+
+        The keyword arguments come from one full forward of the first window, block by block: layers may
+        differ (a sliding-window layer gets another mask than a full-attention one), and every window
+        has the same length, so they hold for every window. The other windows stop at the first block."""
+        blocks = self.blocks(model)
         hidden: list[torch.Tensor] = []
-        shared: dict = {}
+        per_block: list[dict] = [{} for _ in blocks]
 
-        def grab(_module, args, kwargs):
+        def first_block(_module, args, kwargs):
             hidden.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
-            if not shared:
-                shared.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache", "use_cache")})
-            raise _StopForward
+            if len(hidden) > 1:
+                raise _StopForward
 
-        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        def keep_kwargs(index: int):
+            def hook(_module, _args, kwargs):
+                if not per_block[index]:
+                    per_block[index].update({k: v for k, v in kwargs.items()
+                                             if k not in ("hidden_states", "cache", "use_cache", "past_key_values")})
+            return hook
+
+        handles = [blocks[0].register_forward_pre_hook(first_block, with_kwargs=True)]
+        handles += [block.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, block in enumerate(blocks)]
         device = next(model.parameters()).device
         try:
             with torch.no_grad():
                 for window in windows:
                     try:
-                        model(window.unsqueeze(0).to(device))
+                        model(window.unsqueeze(0).to(device), use_cache=False)
                     except _StopForward:
                         pass
         finally:
-            handle.remove()
-        return torch.cat(hidden), send_to_device(shared, "cpu")
+            for handle in handles:
+                handle.remove()
+        return torch.cat(hidden), [send_to_device(kwargs, "cpu") for kwargs in per_block]
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
         raise NotImplementedError

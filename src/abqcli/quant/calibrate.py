@@ -95,14 +95,14 @@ class Calibrator:
     def run(self, resume: bool = False) -> CalibrationResult:
         run_fingerprint = fingerprint(self.model, self.recipe, self.windows)
         checkpoint = (Checkpoint.resume if resume else Checkpoint.start)(self.checkpoint_dir, run_fingerprint)
-        fp_in, kwargs = self.adapter.capture_block_inputs(self.model, self.windows)
+        fp_in, block_kwargs = self.adapter.capture_block_inputs(self.model, self.windows)
         q_in = fp_in
         quantized: dict[str, QuantizedWeight] = {}
         layers: dict[str, LayerQuant] = {}
         logs = checkpoint.logs()
         for index, block in enumerate(self.blocks):
             dtype = next(block.parameters()).dtype
-            ctx = self._context(index, block, fp_in, q_in, kwargs)
+            ctx = self._context(index, block, fp_in, q_in, block_kwargs[index])
             states, q_out = self._block(ctx, checkpoint, logs)
             prefix = self.adapter.block_prefix(index)
             for rel, qw in states.items():
