@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import qwen2_config, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
