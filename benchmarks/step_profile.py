@@ -12,7 +12,8 @@ timed by wrapping the library functions that do them: the teacher passes (`run_b
 attention maps of the KL term (`record_probs`), LET's activation statistics, the GPTQ Hessians and
 rounding, and the training steps. Then `--steps` more optimizer steps are timed in float32 and with the
 student's forward under `torch.autocast("cpu", torch.bfloat16)` (the backward follows it), and the
-float32 step is split by operator with torch.profiler. Writes benchmarks/results/step_profile-<recipe>.json.
+float32 step is split by operator with torch.profiler, and the machine's rate on one of the block's
+matmuls is measured in both dtypes. Writes benchmarks/results/step_profile-<recipe>.json.
 """
 
 from __future__ import annotations
@@ -121,6 +122,17 @@ def step_seconds(recipe, base, block_index: int, steps: int, bf16: bool, profile
     return seconds, {e.key: round(e.self_cpu_time_total / total, 4) for e in ops[:12]}
 
 
+def matmul_gflops(dtype: torch.dtype, m: int = 512, k: int = 576, n: int = 1536, reps: int = 50) -> float:
+    """This CPU's rate on one of the block's matmuls (tokens x hidden times hidden x intermediate)."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+    for _ in range(3):
+        a @ b.T
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b.T
+    return round(2 * m * k * n * reps / (time.perf_counter() - start) / 1e9, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="configs/smollm2-w4a4.yaml")
@@ -145,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
               "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
               "seconds_per_step_in_block": round(per_step, 4),
               "seconds_per_step": {"float32": round(fp32, 4), "bfloat16 autocast": round(bf16, 4)},
-              "bf16_speedup": round(fp32 / bf16, 3), "float32_step_self_cpu_share": ops}
+              "bf16_speedup": round(fp32 / bf16, 3), "float32_step_self_cpu_share": ops,
+              "matmul_gflops": {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}}
     path = Path(args.out) / f"step_profile-{Path(args.recipe).stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
