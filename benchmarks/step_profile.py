@@ -59,17 +59,23 @@ def time_phases(phases: dict[str, float]) -> None:
             setattr(module, name, _timed(getattr(module, name), name, phases))
 
 
-def calibrate_block(recipe, base, block_index: int, phases: dict[str, float]):
-    """prepare / train / fold of the block, each timed; returns (method, ctx, seconds per step)."""
+def fresh_block(recipe, base, block_index: int):
+    """(method, ctx) of a fresh copy of the block, as the loop sets it up before `prepare`."""
     from abqcli.registry import METHODS
 
     calibrator, block, hidden, kwargs = base
-    start = time.perf_counter()
     ctx = calibrator._context(block_index, copy.deepcopy(block), hidden, hidden, kwargs)
-    phases["context (copy, FP teacher pass)"] = time.perf_counter() - start
     method = METHODS.load(recipe.calibration.method)(recipe, calibrator.adapter)
     for p in ctx.qblock.parameters():
         p.requires_grad_(False)
+    return method, ctx
+
+
+def calibrate_block(recipe, base, block_index: int, phases: dict[str, float]) -> float:
+    """prepare / train / fold of the block, each timed into `phases`; returns the seconds per step."""
+    start = time.perf_counter()
+    method, ctx = fresh_block(recipe, base, block_index)
+    phases["context (copy, FP teacher pass)"] = time.perf_counter() - start
     marks: list[float] = []
     for phase, call in (("prepare", lambda: method.prepare(ctx)),
                         ("train", lambda: method.train(ctx, lambda *_: marks.append(time.perf_counter()))),
@@ -79,18 +85,12 @@ def calibrate_block(recipe, base, block_index: int, phases: dict[str, float]):
         phases[phase] = time.perf_counter() - t
     phases["block total"] = time.perf_counter() - start
     phases["training steps (after the first)"] = marks[-1] - marks[0]
-    return method, ctx, (marks[-1] - marks[0]) / (len(marks) - 1)
+    return (marks[-1] - marks[0]) / (len(marks) - 1)
 
 
 def step_seconds(recipe, base, block_index: int, steps: int, bf16: bool, profile: bool = False):
     """Seconds per optimizer step on a freshly prepared block (and a profiler table when asked)."""
-    from abqcli.registry import METHODS
-
-    calibrator, block, hidden, kwargs = base
-    ctx = calibrator._context(block_index, copy.deepcopy(block), hidden, hidden, kwargs)
-    method = METHODS.load(recipe.calibration.method)(recipe, calibrator.adapter)
-    for p in ctx.qblock.parameters():
-        p.requires_grad_(False)
+    method, ctx = fresh_block(recipe, base, block_index)
     method.prepare(ctx)
     optimizer = torch.optim.AdamW([g for g in method.param_groups() if g["params"]], weight_decay=0.0)
     fp_on_q = ctx.run(ctx.fp_block, ctx.q_in)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     base = block_context(recipe, args.data_dir, args.block)
     phases: dict[str, float] = {}
     time_phases(phases)
-    _, _, per_step = calibrate_block(recipe, base, args.block, phases)
+    per_step = calibrate_block(recipe, base, args.block, phases)
     phases = dict(phases)  # the block's own phases; the step timings below prepare two more blocks
     fp32, ops = step_seconds(recipe, base, args.block, args.steps, bf16=False, profile=True)
     bf16, _ = step_seconds(recipe, base, args.block, args.steps, bf16=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fnmatch import fnmatch
 
 from abqcli.errors import InputError
+from abqcli.quant.quantizer import LayerQuant
 from abqcli.recipe import Recipe, show_value
 from abqcli.registry import FORMATS, METHODS
 
@@ -34,17 +35,24 @@ def check_rounding(recipe: Recipe) -> None:
                          f"use calibration.method: {' or '.join(trains)} for {rounding} rounding")
 
 
-def check_group_sizes(recipe: Recipe, model, adapter) -> None:
-    """A weight group larger than a quantized linear's input size is a recipe error (before any output)."""
+def quantized_linears(recipe: Recipe, model, adapter) -> dict[str, tuple[LayerQuant, int]]:
+    """Every block linear the recipe quantizes: full name -> (its quantization, its input size)."""
+    linears = {}
     for index, block in enumerate(adapter.blocks(model)):
         prefix = adapter.block_prefix(index)
         for rel in adapter.linear_names(block):
             quant = recipe.layer_quant(f"{prefix}.{rel}")
-            group = None if quant is None else quant.weight.group_size
-            in_features = block.get_submodule(rel).in_features
-            if group is not None and group > in_features:
-                raise InputError(f"weights.group_size {group} is larger than the input size ({in_features}) "
-                                 f"of {prefix}.{rel}")
+            if quant is not None:
+                linears[f"{prefix}.{rel}"] = (quant, block.get_submodule(rel).in_features)
+    return linears
+
+
+def check_group_sizes(recipe: Recipe, model, adapter) -> None:
+    """A weight group larger than a quantized linear's input size is a recipe error (before any output)."""
+    for name, (quant, in_features) in quantized_linears(recipe, model, adapter).items():
+        group = quant.weight.group_size
+        if group is not None and group > in_features:
+            raise InputError(f"weights.group_size {group} is larger than the input size ({in_features}) of {name}")
 
 
 def check_overrides_match(recipe: Recipe, linear_names: list[str]) -> None:
@@ -104,14 +112,9 @@ def check_rotation(recipe: Recipe, model, adapter) -> None:
 def check_formats_hold(recipe: Recipe, model, adapter) -> None:
     """Each listed output format must hold this model as the recipe quantizes it (`recipe_problem`:
     e.g. compressed-tensors needs group sizes that divide every layer's input size), before calibrating."""
-    layers, in_features = {}, {}
-    for index, block in enumerate(adapter.blocks(model)):
-        prefix = adapter.block_prefix(index)
-        for rel in adapter.linear_names(block):
-            quant = recipe.layer_quant(f"{prefix}.{rel}")
-            if quant is not None:
-                layers[f"{prefix}.{rel}"] = quant
-                in_features[f"{prefix}.{rel}"] = block.get_submodule(rel).in_features
+    linears = quantized_linears(recipe, model, adapter)
+    layers = {name: quant for name, (quant, _) in linears.items()}
+    in_features = {name: k for name, (_, k) in linears.items()}
     for fmt in recipe.output.formats:
         problem = FORMATS.load(fmt).recipe_problem(recipe.calibration.rotation, recipe.kv_bits, in_features, layers)
         if problem:

@@ -199,9 +199,10 @@ class PackedWeight:
         above qmax (W2*'s 3 planes can spell 5..7), code sums that are not the sums of the stored codes,
         zero points that are not integers in [0, qmax], and scales that are not finite and positive."""
         k, kp = self.in_features, padded_k(self.in_features)
-        if kp != k and bool((unpack_planes(self.planes, kp)[:, k:] != 0).any()):
+        padded = unpack_planes(self.planes, kp)
+        if bool((padded[:, k:] != 0).any()):
             raise ValueError(f"non-zero padding bits in columns {k}..{kp - 1}")
-        codes = self.codes()
+        codes = padded[:, :k]
         if int(codes.max()) > self.qmax:
             raise ValueError(f"codes up to {int(codes.max())}, above qmax {self.qmax}")
         if not torch.equal(group_code_sums(codes, self.group_size), self.code_sums):

@@ -65,6 +65,17 @@ def group_size_problem(in_features: dict[str, int], layers: dict[str, LayerQuant
             f"that divide every one: {', '.join(map(str, working)) or 'none'} (or group_size: null, or abq-packed)")
 
 
+def online_transform_problem(what: str) -> str:
+    return (f"compressed-tensors cannot hold {what} exactly: its online transforms are not abq's Hadamard "
+            f"construction; set calibration.rotation: none or {USE_INSTEAD}")
+
+
+def kv_problem(kv_bits: int) -> str | None:
+    if kv_bits >= FP_BITS:
+        return None
+    return f"compressed-tensors cannot hold abq's per-token kv quantization (kv A{kv_bits}); set kv.bits: 16 or {USE_INSTEAD}"
+
+
 class CompressedTensors:
     name = "compressed-tensors"
     version = 1
@@ -84,12 +95,8 @@ class CompressedTensors:
         """What the model and recipe need beyond each layer's scheme: no online rotation, kv unquantized,
         and group sizes that divide every quantized layer's input size."""
         if rotation != "none":
-            return (f"compressed-tensors cannot hold calibration.rotation {rotation!r} exactly: its online "
-                    f"transforms are not abq's Hadamard construction; set calibration.rotation: none or {USE_INSTEAD}")
-        if kv_bits < FP_BITS:
-            return (f"compressed-tensors cannot hold abq's per-token kv quantization (kv A{kv_bits}); "
-                    f"set kv.bits: 16 or {USE_INSTEAD}")
-        return group_size_problem(in_features, layers)
+            return online_transform_problem(f"calibration.rotation {rotation!r}")
+        return kv_problem(kv_bits) or group_size_problem(in_features, layers)
 
     def required_files(self, directory: Path) -> list[str]:
         from abqcli.models.loading import SAFETENSORS_INDEX, weight_files
@@ -151,11 +158,11 @@ def _library_version() -> str:
 def check_export(fmt: CompressedTensors, export: ExportInput) -> None:
     """Refuse what the format cannot hold (for `abq pack --format`, whose source was calibrated for
     another format): schemes, online transforms, quantized kv, group sizes, zero points."""
-    rotation = "online transforms" if export.kv_transform or any(
-        q.input_transform for q in export.layers.values()) else "none"
+    online = export.kv_transform or any(q.input_transform for q in export.layers.values())
     in_features = {name: int(qw.codes.shape[1]) for name, qw in export.quantized.items()}
     problems = [fmt.layer_problem(q.weight, q.act_bits) for q in export.layers.values()]
-    problems.append(fmt.recipe_problem(rotation, export.kv_bits, in_features, export.layers))
+    problems += [online_transform_problem("this export's online input transforms") if online else None,
+                 kv_problem(export.kv_bits), group_size_problem(in_features, export.layers)]
     for name, qw in export.quantized.items():
         if qw.zero.min() < 0 or qw.zero.max() > qw.spec.qmax:
             problems.append(f"{name} has zero points outside 0..{qw.spec.qmax}, which compressed-tensors "
