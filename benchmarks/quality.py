@@ -64,13 +64,20 @@ ABLATIONS = {  # name -> recipe overrides, applied to W4A4
 }
 
 
+SMOLLM2_LINEARS = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # [N, K]
+
+
 def bits_per_weight(recipe) -> float:
-    """Stored bits per weight of the decoder linears: planes + fp32 scale and zero per group."""
+    """Bits per weight of SmolLM2's decoder linears as abq-packed (format 3) stores them, over the real
+    columns (`abq inspect`'s bits_per_weight_with_overhead): the planes, plus per row and group a scale
+    (16 or 32 bits) and a zero point of `planes` bits; the K padding is left out."""
     from abqcli.btc.format import num_planes
 
-    w = recipe.weights
-    group = w.group_size or 576  # SmolLM2's hidden size: per-channel rows of the q/k/v/gate/up inputs
-    return num_planes(w.quant_spec().qmax) + 64 / group
+    spec = recipe.weights.quant_spec()
+    planes, scale_bits = num_planes(spec.qmax), 16 if spec.scale_dtype == "float16" else 32
+    weights = sum(n * k for n, k in SMOLLM2_LINEARS)
+    overhead = sum(n * spec.num_groups(k) * (scale_bits + planes) for n, k in SMOLLM2_LINEARS)
+    return planes + overhead / weights
 
 
 def evaluate(args, model: str, recipe_path: str | None = None, sets: list[str] | None = None) -> dict:
@@ -170,7 +177,7 @@ def plot(results: dict, path: Path) -> None:
                 ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(results["fp"]["ppl"], color="gray", linestyle="--", label="FP")
     ax.set_yscale("log")
-    ax.set_xlabel("stored bits per weight (planes + scale/zero)")
+    ax.set_xlabel("bits per weight (planes + scale/zero, abq-packed format 3)")
     ax.set_ylabel("wikitext-2 perplexity (log)")
     ax.set_title("SmolLM2-135M: perplexity against bits per weight")
     ax.legend()
@@ -187,6 +194,8 @@ def main() -> None:
     parser.add_argument("--rows", default=RECIPE_ROW,
                         help=f"rows per scheme: {RECIPE_ROW} and/or " + ", ".join(VARIANTS) + " (comma-separated)")
     parser.add_argument("--limit", type=int, default=16, help="evaluation windows")
+    parser.add_argument("--no-rtn-rotated", dest="rtn_rotated", action="store_false",
+                        help="skip the RTN + rotation row of each scheme")
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--nsamples", type=int, help="override the recipes' calibration windows")
     parser.add_argument("--seqlen", type=int, help="override the recipes' calibration window length")
@@ -242,7 +251,7 @@ def scheme_rows(args, name: str, previous: dict | None, workdir: Path) -> dict:
     print(name, flush=True)
     if "rtn_ppl" not in row:
         row["rtn_ppl"] = evaluate(args, "smollm2-135m", recipe_path, NO_ROTATION)["ppl"]
-    if "rtn_rotated_ppl" not in row:
+    if "rtn_rotated_ppl" not in row and args.rtn_rotated:
         rotation = recipe.calibration.rotation if recipe.calibration.rotation != "none" else "hadamard"
         row["rtn_rotated"] = rotation
         row["rtn_rotated_ppl"] = evaluate(args, "smollm2-135m", recipe_path, [f"calibration.rotation={rotation}"])["ppl"]

@@ -1,4 +1,5 @@
-"""BTC bit-plane format v1: packing, bit layout, padding, code sums, tensor naming."""
+"""BTC bit-plane format: packing, bit layout, padding, code sums, the version-3 scale and zero-point
+tensors, tensor naming, version-2 reading."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from abqcli.btc.format import (
     group_code_sums,
     num_planes,
     pack_planes,
+    pack_zero_points,
     packed_weight_from_tensors,
     packed_weight_meta,
     packed_weight_to_tensors,
     padded_k,
     tensor_names,
     unpack_planes,
+    unpack_zero_points,
 )
 from abqcli.errors import InputError
 from abqcli.quant.quantizer import QuantizedWeight, WeightQuantSpec, qmax_for, quantize_weight
@@ -33,7 +36,7 @@ def _as_u32(x: int) -> int:
 
 
 def test_constants_and_plane_counts():
-    assert (FORMAT_VERSION, K_ALIGN, WORD_BITS) == (2, 128, 32)
+    assert (FORMAT_VERSION, K_ALIGN, WORD_BITS) == (3, 128, 32)
     assert [num_planes(qmax_for(b)) for b in range(1, 9)] == list(range(1, 9))
     assert num_planes(qmax_for(2, balance=True)) == 3
     assert [padded_k(k) for k in (1, 127, 128, 129, 300, 576)] == [128, 128, 128, 256, 384, 640]
@@ -154,32 +157,61 @@ def test_packed_weight_validates_shapes():
 
 
 def test_tensor_names():
-    assert tensor_names("model.layers.0.self_attn.q_proj") == {
+    base = {
         "planes": "model.layers.0.self_attn.q_proj.btc_planes",
         "scales": "model.layers.0.self_attn.q_proj.btc_scales",
         "zeros": "model.layers.0.self_attn.q_proj.btc_zeros",
-        "code_sums": "model.layers.0.self_attn.q_proj.btc_code_sums",
     }
+    assert tensor_names("model.layers.0.self_attn.q_proj") == base
+    assert tensor_names("model.layers.0.self_attn.q_proj", version=2) == {
+        **base, "code_sums": "model.layers.0.self_attn.q_proj.btc_code_sums"}
 
 
-def _packed(name_bits=(3, False, 128)):
+def _packed(name_bits=(3, False, 128), scale_dtype="float16"):
     bits, balance, group = name_bits
-    qw = quantize_weight(torch.randn(16, 200), WeightQuantSpec(bits, group, balance))
+    qw = quantize_weight(torch.randn(16, 200), WeightQuantSpec(bits, group, balance, scale_dtype))
     return PackedWeight.from_quantized(qw)
 
 
-def test_tensors_round_trip_through_safetensors():
+@pytest.mark.parametrize("rows,groups,width", [(1, 1, 1), (3, 5, 4), (16, 2, 3), (7, 13, 8), (0, 4, 2)])
+def test_zero_points_round_trip_through_the_bit_stream(rows, groups, width):
+    gen = torch.Generator().manual_seed(rows * 100 + groups * 10 + width)
+    zero = torch.randint(0, 1 << width, (rows, groups), generator=gen).float()
+    stream = pack_zero_points(zero, width)
+    assert stream.dtype == torch.uint8 and stream.numel() == -(-rows * groups * width // 8)
+    assert torch.equal(unpack_zero_points(stream, rows, groups, width), zero)
+
+
+def test_zero_point_stream_layout_by_hand():
+    """Values 1, 2, 7 at 3 bits, LSB first: bits 100 010 111 -> bytes 0b11010001, 0b00000001."""
+    stream = pack_zero_points(torch.tensor([[1.0, 2.0, 7.0]]), 3)
+    assert stream.tolist() == [0b11010001, 0b00000001]
+    assert unpack_zero_points(stream, 1, 3, 3).tolist() == [[1.0, 2.0, 7.0]]
+
+
+def test_zero_point_stream_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"\[0, 7\]"):
+        pack_zero_points(torch.tensor([[8.0]]), 3)
+    stream = pack_zero_points(torch.tensor([[1.0, 2.0, 3.0]]), 3)
+    with pytest.raises(ValueError, match="padding bits"):
+        unpack_zero_points(stream | torch.tensor([0, 0b100], dtype=torch.uint8), 1, 3, 3)
+    with pytest.raises(ValueError, match="expected uint8"):
+        unpack_zero_points(stream[:1], 1, 3, 3)
+
+
+@pytest.mark.parametrize("scale_dtype,stored", [("float16", torch.float16), ("float32", torch.float32)])
+def test_tensors_round_trip_through_safetensors(scale_dtype, stored):
     from safetensors.torch import load, save
 
     name = "model.layers.1.mlp.down_proj"
-    pw = _packed((2, True, 128))
+    pw = _packed((2, True, 128), scale_dtype)
     tensors = packed_weight_to_tensors(name, pw)
     names = tensor_names(name)
     assert set(tensors) == set(names.values())
     assert tensors[names["planes"]].dtype == torch.uint32
-    assert tensors[names["scales"]].dtype == torch.float32
-    assert tensors[names["zeros"]].dtype == torch.float32
-    assert tensors[names["code_sums"]].dtype == torch.int32
+    assert tensors[names["scales"]].dtype == stored
+    zeros = tensors[names["zeros"]]
+    assert zeros.dtype == torch.uint8 and zeros.numel() == -(-16 * 2 * 3 // 8)  # W2*: 3-bit zero points
     meta = packed_weight_meta(pw)
     assert meta == {"bits": 2, "balance": True, "group_size": 128, "in_features": 200, "out_features": 16}
     loaded = load(save(tensors))
@@ -190,6 +222,28 @@ def test_tensors_round_trip_through_safetensors():
         assert torch.equal(getattr(back, attr), getattr(pw, attr))
     assert (back.bits, back.balance, back.group_size) == (2, True, 128)
     assert torch.equal(back.to_quantized().codes, pw.to_quantized().codes)
+
+
+def test_version_2_tensors_still_read():
+    """A version-2 linear (float32 scales and zero points, int32 code sums) decodes to the same weight."""
+    name = "model.layers.0.mlp.up_proj"
+    pw = _packed((4, False, 64))
+    v2 = {f"{name}.btc_planes": pw.planes.view(torch.uint32), f"{name}.btc_scales": pw.scale,
+          f"{name}.btc_zeros": pw.zero, f"{name}.btc_code_sums": pw.code_sums}
+    back = packed_weight_from_tensors(name, v2, packed_weight_meta(pw), version=2)
+    assert torch.equal(back.dequantized_f32(), pw.dequantized_f32())
+    with pytest.raises(InputError, match="code_sums are not the sums"):
+        packed_weight_from_tensors(name, {**v2, f"{name}.btc_code_sums": pw.code_sums + 1},
+                                   packed_weight_meta(pw), version=2)
+
+
+def test_bfloat16_scales_are_refused():
+    name = "m.q_proj"
+    pw = _packed()
+    tensors = packed_weight_to_tensors(name, pw)
+    tensors[f"{name}.btc_scales"] = pw.scale.bfloat16()
+    with pytest.raises(InputError, match="scales must be float16 or float32"):
+        packed_weight_from_tensors(name, tensors, packed_weight_meta(pw))
 
 
 def test_missing_tensor_is_an_input_error_naming_it():

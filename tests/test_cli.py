@@ -246,7 +246,7 @@ def test_recipe_show_balanced_preset(capsys):
     assert code == 0, err
     data = yaml.safe_load(out)
     assert data["scheme"] == "w2*a8"
-    assert data["weights"] == {"bits": 2, "group_size": None, "balance": True}
+    assert data["weights"] == {"bits": 2, "group_size": None, "balance": True, "scale_dtype": "float16"}
     assert data["activations"] == {"bits": 8}
     assert data["calibration"]["epochs"] == 40
 

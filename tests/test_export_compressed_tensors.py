@@ -17,6 +17,7 @@ import torch
 
 from abqcli.errors import InputError
 from abqcli.formats import ExportInput
+from abqcli.formats.compressed_tensors import linear_bytes
 from abqcli.generate import generate
 from abqcli.quant.quantizer import LayerQuant, WeightQuantSpec
 from test_export_packed import rtn_model, sample_ids
@@ -66,6 +67,10 @@ def test_weight_only_export_loads_in_transformers_with_the_same_logits(tmp_path,
     with torch.no_grad():
         diff = relative_difference(loaded(ids).logits, model(ids).logits)
     assert diff <= WEIGHT_ONLY_TOL
+    quantized_bytes, fp16_bytes = linear_bytes(out)
+    assert fp16_bytes == 2 * sum(lin.weight.numel() for name, lin in model.named_modules()
+                                 if name.startswith("model.layers.") and hasattr(lin, "weight") and lin.weight.dim() == 2)
+    assert bits_stored / 16 < quantized_bytes / fp16_bytes < bits_stored / 16 + 0.2
 
 
 def test_w8a8_export_quantizes_activations_as_abq_does(tmp_path, tiny_llama, one_torch_thread):
@@ -196,8 +201,6 @@ def test_smollm2_w4a16_g64_export_matches_fakequant_in_transformers(tmp_path, da
     """SmolLM2 W4A16 g64 (RTN): the compressed-tensors directory, loaded by transformers, scores the
     perplexity of abq's fake-quant model to 4 significant digits, and its quantized linears take at most
     0.32x the bytes of the same linears in FP16."""
-    from safetensors import safe_open
-
     from abqcli.evaluate import EvalRequest, run_eval
     from test_quantize_cli import abq
 
@@ -209,13 +212,5 @@ def test_smollm2_w4a16_g64_export_matches_fakequant_in_transformers(tmp_path, da
     ppl = {fmt: run_eval(EvalRequest(str(tmp_path / "out" / fmt), "wikitext2", str(data_dir), 256, 2, "cpu",
                                      "float32")).ppl for fmt in ("hf-fakequant", "compressed-tensors")}
     assert f"{ppl['compressed-tensors']:.4g}" == f"{ppl['hf-fakequant']:.4g}"
-    quantized_bytes = fp16_bytes = 0
-    with safe_open(str(tmp_path / "out" / "compressed-tensors" / "model.safetensors"), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-            if key.endswith("weight_shape"):
-                layer = key.removesuffix("weight_shape")
-                rows, cols = f.get_tensor(key).tolist()
-                fp16_bytes += 2 * rows * cols
-                quantized_bytes += sum(f.get_tensor(layer + part).nbytes for part in
-                                       ("weight_packed", "weight_scale", "weight_zero_point"))
+    quantized_bytes, fp16_bytes = linear_bytes(tmp_path / "out" / "compressed-tensors")
     assert fp16_bytes > 0 and quantized_bytes <= 0.32 * fp16_bytes

@@ -135,11 +135,33 @@ def test_round_trip_logits(arch, scheme, tiny_models, tmp_path):
     assert len(btc) == len(manifest["layers"]) == (14 if arch == "llama" else 12)
     assert {m.packed.planes.shape[0] for m in btc.values()} == {planes}
     assert {m.act_bits for m in btc.values()} == {lq.act_bits}
-    assert manifest["format"] == "abq-packed" and manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["format"] == "abq-packed" and manifest["format_version"] == FORMAT_VERSION == 3
     assert manifest["kv_bits"] == kv_bits
     layer = next(iter(manifest["layers"].values()))
     assert layer["planes"] == planes and layer["bytes"]["total"] > 0
     assert tokenizer("the cat").input_ids  # the tokenizer came along
+
+
+def test_float32_scales_are_stored_as_float32_and_stay_exact(tiny_llama, tmp_path):
+    """`scale_dtype: float32`: the writer keeps every scale in 32 bits (none is a float16 value), and the
+    packed model still equals its fake-quant twin bit for bit."""
+    from abqcli.formats.abq_packed import load_packed
+    from abqcli.verify import inspect_export
+
+    out = tmp_path / "packed"
+    fq_model = export_packed(tiny_llama, out, LayerQuant(WeightQuantSpec(4, 32, scale_dtype="float32"), 16), 16)
+    model, _, _ = load_packed(out)
+    assert_same_logits(model, fq_model, sample_ids())
+    info = inspect_export(out)
+    assert {layer["scale_dtype"] for layer in info["layers"].values()} == {"float32"}
+    half = inspect_export(_exported_half(tiny_llama, tmp_path))
+    assert info["totals"]["overhead_bits_per_weight"] > half["totals"]["overhead_bits_per_weight"]
+
+
+def _exported_half(model_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "half"
+    export_packed(model_dir, out, LayerQuant(WeightQuantSpec(4, 32), 16), 16)
+    return out
 
 
 def test_directory_contents(tiny_llama, tmp_path):
@@ -152,7 +174,7 @@ def test_directory_contents(tiny_llama, tmp_path):
     assert mode == (out / "recipe.yaml").stat().st_mode & 0o777  # not safetensors' 0600
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
-    assert (qc["quant_method"], qc["format"], qc["format_version"], qc["kv_bits"]) == ("abq", "btc-bitplane", 2, 4)
+    assert (qc["quant_method"], qc["format"], qc["format_version"], qc["kv_bits"]) == ("abq", "btc-bitplane", 3, 4)
     meta = qc["modules"]["model.layers.0.mlp.down_proj"]
     assert meta == {"bits": 4, "balance": False, "group_size": None, "in_features": 128, "out_features": 64,
                     "act_bits": 4}
@@ -162,9 +184,12 @@ def test_directory_contents(tiny_llama, tmp_path):
     assert (out / "recipe.yaml").read_text() == "scheme: test\n"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
-        assert f.get_slice("model.layers.0.mlp.down_proj.btc_planes").get_dtype() == "U32"
-    for suffix in ("btc_planes", "btc_scales", "btc_zeros", "btc_code_sums"):
+        dtypes = {s: f.get_slice(f"model.layers.0.mlp.down_proj.{s}").get_dtype() for s in ("btc_planes", "btc_scales",
+                                                                                          "btc_zeros")}
+        assert dtypes == {"btc_planes": "U32", "btc_scales": "F16", "btc_zeros": "U8"}
+    for suffix in ("btc_planes", "btc_scales", "btc_zeros"):
         assert f"model.layers.1.self_attn.q_proj.{suffix}" in keys
+    assert "model.layers.1.self_attn.q_proj.btc_code_sums" not in keys  # recomputed by the reader
     assert "model.layers.1.self_attn.q_proj.weight" not in keys
     assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= keys  # untied llama
 

@@ -369,9 +369,9 @@ def _set_padding_bit(planes):
 
 @pytest.mark.parametrize("tensor, edit, match", [
     ("btc_planes", _set_padding_bit, "non-zero padding bits"),
-    ("btc_code_sums", lambda sums: sums + 1, "code_sums are not the sums of the stored codes"),
-    ("btc_zeros", lambda zeros: zeros + 0.5, "zero points must be integers"),
+    ("btc_zeros", lambda zeros: zeros[:-1], r"zero points: expected uint8 \[32\]"),
     ("btc_scales", lambda scales: -scales, "scales must be finite and positive"),
+    ("btc_scales", lambda scales: scales.bfloat16(), "scales must be float16 or float32"),
 ])
 def test_packed_tensors_whose_content_a_reader_must_refuse(exports, tmp_path, refused, tensor, edit, match):
     model = copy_of(exports["packed"], tmp_path)

@@ -53,7 +53,7 @@ def test_qmax_balance_is_four_and_only_for_two_bits():
 def test_four_bit_row_hand_case():
     # s = (2 - (-1)) / 15 = 0.2, z = round(1 / 0.2) = 5
     # codes: -1/0.2+5 = 0; 0+5 = 5; 0.5/0.2 = 2.5 -> 2 (half to even; 2.4999... in float32) -> 7; 2/0.2+5 = 15
-    qw = quantize_weight(row(-1, 0, 0.5, 2), WeightQuantSpec(4))
+    qw = quantize_weight(row(-1, 0, 0.5, 2), WeightQuantSpec(4, scale_dtype="float32"))
     assert qw.scale.shape == (1, 1) and qw.zero.shape == (1, 1)
     assert qw.scale.item() == pytest.approx(0.2, rel=1e-6)
     assert qw.zero.item() == 5
@@ -64,7 +64,7 @@ def test_four_bit_row_hand_case():
 
 def test_four_bit_row_without_tie():
     # 0.6 / 0.2 = 3 -> code 8 -> dequantized exactly back
-    qw = quantize_weight(row(-1, 0, 0.6, 2), WeightQuantSpec(4))
+    qw = quantize_weight(row(-1, 0, 0.6, 2), WeightQuantSpec(4, scale_dtype="float32"))
     assert qw.codes.tolist() == [[0, 5, 8, 15]]
     torch.testing.assert_close(qw.dequantize(), row(-1, 0, 0.6, 2), rtol=0, atol=1e-6)
 
@@ -86,16 +86,34 @@ def test_round_half_to_even_on_zero_point():
     assert zero.item() == 4
 
 
-def test_scale_clamped_below_for_a_constant_row():
+def test_a_one_signed_row_keeps_zero_in_its_range():
+    """A constant positive row: the range is [0, 0.3], so z = 0 (in [0, qmax]) and the row is exact."""
     w = torch.full((1, 8), 0.3)
-    scale, zero = weight_qparams(w, WeightQuantSpec(4))
-    assert scale.item() == pytest.approx(SCALE_MIN, rel=1e-6)
-    assert zero.item() == -30000  # round(-0.3 / 1e-5)
-    fq = fake_quantize_weight(w, WeightQuantSpec(4))
-    assert torch.isfinite(fq).all()
-    torch.testing.assert_close(fq, w, rtol=1e-5, atol=1e-6)
+    scale, zero = weight_qparams(w, WeightQuantSpec(4, scale_dtype="float32"))
+    assert scale.item() == pytest.approx(0.3 / 15, rel=1e-6)
+    assert zero.item() == 0
     qw = quantize_weight(w, WeightQuantSpec(4))
-    assert qw.codes.tolist() == [[0] * 8]
+    assert qw.codes.tolist() == [[15] * 8] and qw.zero.item() == 0
+    torch.testing.assert_close(fake_quantize_weight(w, WeightQuantSpec(4)), w, rtol=1e-3, atol=0)
+    negative = quantize_weight(-torch.rand(3, 40) - 0.5, WeightQuantSpec(3, 16))
+    assert int(negative.zero.min()) >= 0 and int(negative.zero.max()) <= 7
+
+
+def test_float16_scales_are_float16_values_and_the_codes_use_them():
+    """The default scale precision: every scale is a float16 value, and codes are round(w/s) + z with
+    that very scale (so the packed file, which stores it in 16 bits, dequantizes the same weight)."""
+    torch.manual_seed(3)
+    w = torch.randn(6, 80)
+    spec = WeightQuantSpec(4, 32)
+    qw = quantize_weight(w, spec)
+    assert torch.equal(qw.scale.half().float(), qw.scale)
+    exact = quantize_weight(w, WeightQuantSpec(4, 32, scale_dtype="float32"))
+    assert not torch.equal(exact.scale, qw.scale)
+    torch.testing.assert_close(qw.scale, exact.scale, rtol=2**-11, atol=0)
+    s = qw.scale.repeat_interleave(32, dim=1)[:, :80]
+    z = qw.zero.repeat_interleave(32, dim=1)[:, :80]
+    assert torch.equal(qw.codes.float(), torch.clamp(torch.round(w / s) + z, 0, 15))
+    torch.testing.assert_close(fake_quantize_weight(w, spec), qw.dequantize(), rtol=0, atol=0)
 
 
 def test_scale_clamped_below_for_a_zero_row():
@@ -280,7 +298,7 @@ def test_ste_gradient_passes_through_weight_quantizer():
 def test_lwc_at_init_shrinks_the_range_by_sigmoid():
     torch.manual_seed(10)
     w = torch.randn(5, 48)
-    spec = WeightQuantSpec(4, 16)
+    spec = WeightQuantSpec(4, 16, scale_dtype="float32")
     g = spec.num_groups(48)
     u = torch.full((5, g), 4.0)
     lo = torch.full((5, g), 4.0)

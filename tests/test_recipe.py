@@ -187,7 +187,7 @@ def test_overrides_combining_into_invalid_spec():
 # ---------------------------------------------------------------------------------------------- errors
 
 BAD = [
-    ({"weights": {"colour": 1}}, "weights.colour: unknown key (expected one of: bits, group_size, balance)"),
+    ({"weights": {"colour": 1}}, "weights.colour: unknown key (expected one of: bits, group_size, balance, scale_dtype)"),
     ({"calibration": {"lwc": {"lr": "abc"}}}, "calibration.lwc.lr: expected a positive number, got 'abc'"),
     ({"calibration": {"lwc": {"lr": 0}}}, "calibration.lwc.lr: expected a positive number, got 0"),
     ({"calibration": {"let": {"lr": -1.0}}}, "calibration.let.lr: expected a positive number, got -1.0"),
@@ -544,3 +544,12 @@ def test_set_errors_show_long_items_short():
     with pytest.raises(InputError) as exc:
         load_recipe("w4a4", [f"weights.bits=[{'1, ' * 100_000}"])
     assert "cannot parse the value" in str(exc.value) and len(str(exc.value)) < 300
+
+
+def test_scale_dtype_defaults_to_float16_and_overrides_like_any_weights_key():
+    r = recipe_from_dict({"scheme": "w4a16", "weights": {"group_size": 64},
+                          "overrides": {"*.down_proj": {"weights": {"scale_dtype": "float32"}}}})
+    assert r.layer_quant("model.layers.0.mlp.up_proj").weight == WeightQuantSpec(4, 64, False, "float16")
+    assert r.layer_quant("model.layers.0.mlp.down_proj").weight == WeightQuantSpec(4, 64, False, "float32")
+    assert "weights.scale_dtype: expected one of: float16, float32, got 'bfloat16'" in error_of(
+        {"weights": {"scale_dtype": "bfloat16"}})

@@ -135,31 +135,54 @@ def test_missing_file_refused(packed_copy):
 
 def test_newer_format_version_in_manifest_refused(packed_copy):
     manifest = json.loads((packed_copy / "abq.json").read_text())
-    manifest["format_version"] = 3
+    manifest["format_version"] = 4
     (packed_copy / "abq.json").write_text(json.dumps(manifest))
-    message = _one_line_error(packed_copy, "format_version 3")
-    assert "reads up to 2" in message and "upgrade abq" in message
+    message = _one_line_error(packed_copy, "format_version 4")
+    assert "reads up to 3" in message and "upgrade abq" in message
 
 
-def test_format_version_1_still_opens(packed_llama, packed_copy):
-    """A version-1 file (written before online transforms existed: no module has one) opens and runs."""
-    from abqcli.formats.abq_packed import load_packed
+def _rewrite_as_version(directory: Path, version: int) -> None:
+    """Turn a version-3 export into what abq wrote as `version` (1 or 2): float32 scales and zero
+    points, int32 code sums beside them; config.json and abq.json say `version`, sealed again."""
+    from abqcli.btc.format import packed_weight_from_tensors
     from test_export_packed import write_sealed_manifest
 
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    config = json.loads((directory / "config.json").read_text())
+    for name, meta in config["quantization_config"]["modules"].items():
+        pw = packed_weight_from_tensors(name, tensors, meta)
+        tensors.update({f"{name}.btc_scales": pw.scale, f"{name}.btc_zeros": pw.zero,
+                        f"{name}.btc_code_sums": pw.code_sums})
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    config["quantization_config"]["format_version"] = version
+    (directory / "config.json").write_text(json.dumps(config))
+    fix_checksum(directory, "model.safetensors")
+    fix_checksum(directory, "config.json")
+    manifest = json.loads((directory / "abq.json").read_text())
+    manifest["format_version"] = version
+    write_sealed_manifest(directory, manifest)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_format_versions_still_open(packed_llama, packed_copy, version):
+    """A version-1 or -2 file (float32 scales and zero points, stored code sums; version 1 from before
+    online transforms existed: no module has one) opens, reports its version, and runs identically."""
+    from abqcli.formats.abq_packed import load_packed
+    from abqcli.verify import inspect_export
+
     config = json.loads((packed_copy / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 1
     assert not any("input_transform" in m for m in config["quantization_config"]["modules"].values())
-    (packed_copy / "config.json").write_text(json.dumps(config))
-    fix_checksum(packed_copy, "config.json")
-    manifest = json.loads((packed_copy / "abq.json").read_text())
-    manifest["format_version"] = 1
-    write_sealed_manifest(packed_copy, manifest)
+    _rewrite_as_version(packed_copy, version)
     ids = sample_ids()
     old, _, old_manifest = load_packed(packed_copy)
     new, _, _ = load_packed(packed_llama)
-    assert old_manifest["format_version"] == 1
+    assert old_manifest["format_version"] == version
     with torch.no_grad():
         assert torch.equal(old(ids).logits, new(ids).logits)
+    old_info, new_info = inspect_export(packed_copy)["totals"], inspect_export(packed_llama)["totals"]
+    assert old_info["bytes"]["code_sums"] > 0 and "code_sums" not in new_info["bytes"]
+    assert old_info["overhead_bits_per_weight"] > 3 * new_info["overhead_bits_per_weight"]
 
 
 def test_newer_format_version_in_config_refused(packed_copy):
@@ -168,7 +191,7 @@ def test_newer_format_version_in_config_refused(packed_copy):
     (packed_copy / "config.json").write_text(json.dumps(config))
     _one_line_error(packed_copy, "checksum mismatch")
     fix_checksum(packed_copy, "config.json")
-    _one_line_error(packed_copy, "config.json: btc-bitplane format_version 7; .* reads up to 2")
+    _one_line_error(packed_copy, "config.json: btc-bitplane format_version 7; .* reads versions 1 to 3: upgrade abq")
 
 
 def test_wrong_quant_method_refused(packed_copy):

@@ -111,16 +111,21 @@ def test_verify_refuses_bad_input(tiny_llama, tmp_path):
         assert "\n" not in str(info.value)
 
 
-def _theory_bits(layers: dict, padded: bool) -> tuple[float, float]:
-    """(bits/weight of the planes, with scale/zero/sum overhead: 3 x 32 bits per row and group)."""
-    weights = plane_bits = overhead = 0
+def _theory_bits(layers: dict) -> dict[str, float]:
+    """What version 3 stores, by hand, per real weight: the codes (planes bits), the overhead (a float16
+    scale per row and group, the zero points bit-packed at planes bits per layer) and the K padding."""
+    weights = code_bits = overhead = padding = 0
     for meta in layers.values():
-        n, k = meta["out_features"], meta["in_features"]
+        n, k, p = meta["out_features"], meta["in_features"], meta["planes"]
         groups = -(-k // (meta["group_size"] or k))
         weights += n * k
-        plane_bits += n * meta["planes"] * (padded_k(k) if padded else k)
-        overhead += n * groups * 96
-    return plane_bits / weights, (plane_bits + overhead) / weights
+        code_bits += n * k * p
+        overhead += n * groups * 16 + 8 * -(-n * groups * p // 8)
+        padding += n * (padded_k(k) - k) * p
+    return {"bits_per_weight": code_bits / weights, "overhead_bits_per_weight": overhead / weights,
+            "bits_per_weight_with_overhead": (code_bits + overhead) / weights,
+            "padding_bits_per_weight": padding / weights,
+            "stored_bits_per_weight": (code_bits + overhead + padding) / weights}
 
 
 @pytest.mark.parametrize("scheme,planes", [("w4a4", 4), ("w2*a8", 3), ("w3a16-g128", 3)])
@@ -133,29 +138,30 @@ def test_inspect_bits_per_weight(scheme, planes, wide_llama, tmp_path):
     info = inspect_export(out)
     totals = info["totals"]
     assert {layer["planes"] for layer in info["layers"].values()} == {planes}
-    bits, bits_overhead = _theory_bits(info["layers"], padded=False)
-    assert bits == planes
-    assert totals["bits_per_weight"] == pytest.approx(bits, rel=0.03)
-    assert totals["bits_per_weight_with_overhead"] == pytest.approx(bits_overhead, rel=0.03)
-    assert totals["size_vs_fp16"] == pytest.approx(bits_overhead / 16, rel=0.03)
+    assert {layer["scale_dtype"] for layer in info["layers"].values()} == {"float16"}
+    theory = _theory_bits(info["layers"])
+    assert theory["bits_per_weight"] == planes
+    for key, value in theory.items():
+        assert totals[key] == pytest.approx(value, rel=1e-9), key
+    assert totals["size_vs_fp16"] == pytest.approx(theory["stored_bits_per_weight"] / 16, rel=1e-9)
     assert totals["fp16_bytes_same_layers"] == 2 * totals["quantized_weights"]
     assert totals["model_file_bytes"] == (out / "model.safetensors").stat().st_size
     assert totals["directory_bytes"] > totals["model_file_bytes"] > totals["bytes"]["total"]
     down = info["layers"]["model.layers.0.mlp.down_proj"]
-    assert down["bytes"]["total"] == sum(down["bytes"][k] for k in ("planes", "scales", "zeros", "code_sums"))
+    assert down["bytes"]["total"] == sum(down["bytes"][k] for k in ("planes", "scales", "zeros"))
     json.dumps(info)
 
 
 def test_inspect_counts_padding(tiny_llama, tmp_path):
-    """K = 64 is padded to 128: the planes cost twice their nominal bits there, and inspect says so."""
+    """K = 64 is padded to 128: the padding costs as much as the codes there, on its own line."""
     from abqcli.verify import inspect_export
 
     export_packed(tiny_llama, tmp_path / "packed", SCHEMES["w2*a8"][0], 8)
     info = inspect_export(tmp_path / "packed")
-    bits, bits_overhead = _theory_bits(info["layers"], padded=True)
-    assert info["totals"]["bits_per_weight"] == pytest.approx(bits, rel=1e-9)
-    assert info["totals"]["bits_per_weight_with_overhead"] == pytest.approx(bits_overhead, rel=1e-9)
-    assert info["layers"]["model.layers.0.self_attn.q_proj"]["bits_per_weight"] == 6.0  # 3 planes x 128/64
+    for key, value in _theory_bits(info["layers"]).items():
+        assert info["totals"][key] == pytest.approx(value, rel=1e-9), key
+    q_proj = info["layers"]["model.layers.0.self_attn.q_proj"]
+    assert (q_proj["bits_per_weight"], q_proj["padding_bits_per_weight"]) == (3.0, 3.0)  # 3 planes x (128-64)/64
     assert info["scheme"] == "W2*A8 (kv A8)"
 
 

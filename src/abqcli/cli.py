@@ -329,21 +329,31 @@ def inspect_cmd(
     directory: Annotated[Path, typer.Argument(help="An abq-packed export (or an output dir holding one).")],
     json_path: JsonOpt = None,
 ) -> None:
-    """Per-layer bits, planes, group size and bytes; bits per weight; size against fp16."""
+    """Per-layer bits, planes, group size, scale dtype and bytes; bits per weight over the real columns
+    (codes + scale/zero overhead), the cost of padding K to a multiple of 128 on its own line; size
+    against fp16."""
     from abqcli.verify import inspect_export
 
     _check_json_path(json_path)
     report = inspect_export(directory)
-    layers = report.get("layers", {})
     table = Table(title="abq inspect: layers")
-    columns = ("bits", "planes", "group_size", "act_bits", "bytes")
+    columns = {"bits": "bits", "planes": "planes", "group_size": "group", "act_bits": "act",
+               "scale_dtype": "scales", "bits_per_weight_with_overhead": "bits/w", "padding_bits_per_weight":
+               "pad bits/w"}
     table.add_column("layer")
-    for c in columns:
-        table.add_column(c, justify="right")
-    for name, row in layers.items():
-        table.add_row(name, *(str(row.get(c, "")) for c in columns))
+    for title in (*columns.values(), "bytes"):
+        table.add_column(title, justify="right")
+    for name, row in report["layers"].items():
+        table.add_row(name, *(_format_value(row.get(c)) for c in columns), str(row["bytes"]["total"]))
     out.print(table)
-    out.print(_table("abq inspect: totals", {k: v for k, v in report.items() if k != "layers"}))
+    totals = report["totals"]
+    out.print(_table("abq inspect", {k: v for k, v in report.items() if k not in ("layers", "totals")}))
+    out.print(_table("abq inspect: totals", totals))
+    if totals["quantized_weights"]:
+        out.print(f"bits per weight {totals['bits_per_weight_with_overhead']:.3f} over the real columns "
+                  f"(codes {totals['bits_per_weight']:.3f} + scales/zeros {totals['overhead_bits_per_weight']:.3f}); "
+                  f"K padding to a multiple of 128 adds {totals['padding_bits_per_weight']:.3f} "
+                  f"(stored {totals['stored_bits_per_weight']:.3f})")
     _write_json(json_path, report)
 
 

@@ -88,6 +88,7 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "float16", "bfloat16")
+SCALE_DTYPES = ("float16", "float32")  # the precision a weight scale is computed in and stored with
 ROUNDINGS = ("nearest", "gptq", "learned")  # calibration.rounding: how a (folded) weight becomes codes
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -299,14 +300,17 @@ class ModelSpec:
 
 @dataclass(config=_SECTION)
 class WeightSpec:
-    """Global weight quantization. `group_size` None = one (s, z) per output row; `balance` = W2*."""
+    """Global weight quantization. `group_size` None = one (s, z) per output row; `balance` = W2*;
+    `scale_dtype`: the precision of the scales (float16 is what abq-packed stores in 16 bits; float32
+    costs 16 more bits per row and group)."""
 
     bits: WeightBits = 4
     group_size: GroupSize = None
     balance: Flag = False  # only with bits == 2
+    scale_dtype: _choice(SCALE_DTYPES) = "float16"
 
     def quant_spec(self) -> WeightQuantSpec:
-        return WeightQuantSpec(self.bits, self.group_size, self.balance)
+        return WeightQuantSpec(self.bits, self.group_size, self.balance, self.scale_dtype)
 
 
 @dataclass(config=_SECTION)
@@ -330,6 +334,7 @@ class WeightOverride(TypedDict, total=False):
     bits: WeightBits
     group_size: GroupSize
     balance: Flag
+    scale_dtype: _choice(SCALE_DTYPES)
 
 
 class ActivationOverride(TypedDict, total=False):

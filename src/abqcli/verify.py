@@ -374,21 +374,23 @@ def _header(path: Path) -> dict[str, tuple[str, list[int], int]]:
 
 
 def inspect_export(directory) -> dict:
-    """Storage report of an abq-packed export: per layer bits, planes, group size and bytes (planes,
-    scales, zeros, code sums); totals: bits per weight with and without the scale/zero/sum overhead,
-    size against fp16 of the same layers, and the file sizes."""
-    from abqcli.btc.format import num_planes, tensor_names
+    """Storage report of an abq-packed export, read from its safetensors header: per layer bits, planes,
+    group size, scale dtype and bytes (planes, scales, zeros, and code sums in versions 1-2); per layer
+    and in total the bits per weight over the real columns — of the codes, of the scale/zero overhead,
+    and the cost of padding K to a multiple of 128 on its own (`abq_packed.storage_bits`) — the size
+    against fp16 of the same layers, and the file sizes."""
+    from abqcli.btc.format import BTC_SUFFIXES, num_planes, tensor_names
     from abqcli.formats import describe_layers
-    from abqcli.formats.abq_packed import PACKED_WEIGHTS, read_packed_export
+    from abqcli.formats.abq_packed import PACKED_WEIGHTS, SCALE_DTYPE_NAMES, read_packed_export, storage_bits
     from abqcli.formats.manifest import resolve_output_dir
     from abqcli.quant.quantizer import qmax_for
 
     export = read_packed_export(resolve_output_dir(directory))
     header = _header(export.directory / PACKED_WEIGHTS)
     layers = {}
-    tot = {"weights": 0, "planes": 0, "scales": 0, "zeros": 0, "code_sums": 0}
+    tot = {"weights": 0, "plane_bits": 0, "bytes": dict.fromkeys(tensor_names("", export.version), 0)}
     for name, meta in sorted(export.modules.items()):
-        names = tensor_names(name)
+        names = tensor_names(name, export.version)
         missing = [t for t in names.values() if t not in header]
         if missing:
             raise InputError(f"BTC tensor missing: {', '.join(missing)}")
@@ -398,27 +400,21 @@ def inspect_export(directory) -> dict:
         expected = num_planes(qmax_for(int(meta["bits"]), bool(meta.get("balance"))))
         if planes != expected:
             raise InputError(f"{names['planes']}: {planes} planes, the metadata implies {expected}")
-        total = sum(sizes.values())
         layers[name] = {
-            "bits": int(meta["bits"]),
-            "balance": bool(meta.get("balance")),
-            "act_bits": meta.get("act_bits"),
-            "input_transform": meta.get("input_transform"),
-            "planes": planes,
-            "group_size": meta.get("group_size"),
-            "in_features": k,
-            "out_features": n,
-            "bytes": {**sizes, "total": total},
-            "bits_per_weight": sizes["planes"] * 8 / (n * k),
-            "bits_per_weight_with_overhead": total * 8 / (n * k),
+            "bits": int(meta["bits"]), "balance": bool(meta.get("balance")), "act_bits": meta.get("act_bits"),
+            "input_transform": meta.get("input_transform"), "planes": planes,
+            "group_size": meta.get("group_size"), "in_features": k, "out_features": n,
+            "scale_dtype": SCALE_DTYPE_NAMES.get(header[names["scales"]][0], header[names["scales"]][0]),
+            **storage_bits(sizes, n * k, planes * n * k),
         }
         tot["weights"] += n * k
+        tot["plane_bits"] += planes * n * k
         for key, size in sizes.items():
-            tot[key] += size
-    quant_bytes = tot["planes"] + tot["scales"] + tot["zeros"] + tot["code_sums"]
-    other_bytes = sum(b for tname, (_, _, b) in header.items() if not tname.endswith(
-        tuple(tensor_names("").values())))
+            tot["bytes"][key] += size
     weights = tot["weights"]
+    totals = storage_bits(tot["bytes"], weights, tot["plane_bits"]) if weights else {"bytes": tot["bytes"]}
+    quant_bytes = sum(tot["bytes"].values())
+    other_bytes = sum(b for tname, (_, _, b) in header.items() if not tname.endswith(BTC_SUFFIXES))
     files = {p.name: p.stat().st_size for p in sorted(export.directory.iterdir()) if p.is_file()}
     return {
         "directory": str(export.directory),
@@ -430,10 +426,7 @@ def inspect_export(directory) -> dict:
         "totals": {
             "quantized_layers": len(layers),
             "quantized_weights": weights,
-            "bytes": {"planes": tot["planes"], "scales": tot["scales"], "zeros": tot["zeros"],
-                      "code_sums": tot["code_sums"], "total": quant_bytes},
-            "bits_per_weight": tot["planes"] * 8 / weights if weights else 0.0,
-            "bits_per_weight_with_overhead": quant_bytes * 8 / weights if weights else 0.0,
+            **totals,
             "fp16_bytes_same_layers": weights * 2,
             "size_vs_fp16": quant_bytes / (weights * 2) if weights else 0.0,
             "unquantized_tensor_bytes": other_bytes,

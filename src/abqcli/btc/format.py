@@ -1,4 +1,4 @@
-"""BTC bit-plane format, version 1 (DESIGN §5; the public description is docs/FORMAT.md).
+"""BTC bit-plane format, version 3 (DESIGN §5; the public description is docs/FORMAT.md).
 
 Codes are unsigned integers in [0, qmax]; a weight [N, K] is stored as `num_planes(qmax)` bit planes.
 K is padded with code 0 to Kp, a multiple of `K_ALIGN` (128; the constants are `abqcli.btc.contract`);
@@ -7,6 +7,12 @@ plane p holds bit p of every code; each row of a plane is Kp/32 words of 32 bits
 
 In memory a plane word is a `torch.int32` holding the uint32 bit pattern (torch does little arithmetic
 on uint32); on disk it is written as uint32 through `.view(torch.uint32)` — the same bytes.
+
+Per row and group a layer also stores its scale and zero point. Version 3 stores them lean: the scale as
+float16 when every scale of the layer is a float16 value (the quantizer's default, `scale_dtype`), else
+float32; the zero points bit-packed at `planes` bits each; the per-group code sums are recomputed from the
+planes when read. Versions 1 and 2 stored float32 scales, float32 zero points and int32 code sums; they
+are still read.
 
 This module is pure tensor code: it knows nothing of files or training.
 """
@@ -23,13 +29,16 @@ from abqcli.btc.contract import K_ALIGN, MAX_PLANES, WORD_BITS
 from abqcli.errors import InputError
 from abqcli.quant.quantizer import CentredWeight, QuantizedWeight, WeightQuantSpec, qmax_for
 
-FORMAT_VERSION = 2  # 2: a module may name the online transform before its activation quantizer
+# 2: a module may name the online transform before its activation quantizer; 3: float16 scales,
+# bit-packed zero points, no stored code sums
+FORMAT_VERSION = 3
+LEAN_VERSION = 3  # the first version with the lean tensors
 
 _SUFFIXES = {
     "planes": ".btc_planes",
     "scales": ".btc_scales",
     "zeros": ".btc_zeros",
-    "code_sums": ".btc_code_sums",
+    "code_sums": ".btc_code_sums",  # versions 1 and 2 only
 }
 META_KEYS = ("bits", "balance", "group_size", "in_features", "out_features")
 
@@ -235,9 +244,45 @@ class PackedWeight:
         return self._dequant_f32
 
 
-def tensor_names(linear_name: str) -> dict[str, str]:
-    """Names of the BTC tensors of one linear: keys planes, scales, zeros, code_sums."""
-    return {key: linear_name + suffix for key, suffix in _SUFFIXES.items()}
+def tensor_names(linear_name: str, version: int = FORMAT_VERSION) -> dict[str, str]:
+    """Names of the BTC tensors of one linear in a file of `version`: keys planes, scales, zeros and
+    (versions 1 and 2) code_sums."""
+    return {key: linear_name + suffix for key, suffix in _SUFFIXES.items()
+            if key != "code_sums" or version < LEAN_VERSION}
+
+
+BTC_SUFFIXES = tuple(_SUFFIXES.values())  # every suffix any version uses
+
+
+def pack_zero_points(zero: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero points [N, G] (integers in [0, 2**width)) as a little-endian bit stream, uint8
+    [ceil(N·G·width / 8)]: value i (row-major) occupies bits i·width … i·width + width − 1, least
+    significant bit first; bits past the last value are 0."""
+    z = zero.detach().cpu().reshape(-1).to(torch.int64).numpy()
+    if z.size and (z.min() < 0 or z.max() >= 1 << width):
+        raise ValueError(f"zero points must lie in [0, {(1 << width) - 1}] to pack at {width} bits")
+    bits = (z[:, None] >> np.arange(width)) & 1
+    return torch.from_numpy(np.packbits(bits.astype(np.uint8).reshape(-1), bitorder="little"))
+
+
+def unpack_zero_points(stream: torch.Tensor, rows: int, groups: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_zero_points`: float32 [rows, groups]. A stream of the wrong length, or with a
+    non-zero bit after the last value, is a ValueError."""
+    count = rows * groups * width
+    if stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() != -(-count // 8):
+        raise ValueError(f"zero points: expected uint8 [{-(-count // 8)}] ({rows}x{groups} values of {width} "
+                         f"bits), got {stream.dtype} {list(stream.shape)}")
+    bits = np.unpackbits(stream.cpu().numpy(), bitorder="little")
+    if bits[count:].any():
+        raise ValueError("non-zero padding bits after the last zero point")
+    values = bits[:count].reshape(-1, width).astype(np.int64) @ (1 << np.arange(width))
+    return torch.from_numpy(values.reshape(rows, groups).astype(np.float32))
+
+
+def _stored_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scales as written: float16 when that is exact for every one of them, else float32."""
+    half = scale.half()
+    return half if torch.equal(half.float(), scale) else scale
 
 
 def packed_weight_meta(pw: PackedWeight) -> dict:
@@ -252,19 +297,34 @@ def packed_weight_meta(pw: PackedWeight) -> dict:
 
 
 def packed_weight_to_tensors(name: str, pw: PackedWeight) -> dict[str, torch.Tensor]:
-    """The tensors written for one linear; planes as a torch.uint32 view (same bytes)."""
+    """The tensors written for one linear (version 3): planes as a torch.uint32 view (same bytes),
+    scales float16 where exact (else float32), zero points bit-packed at `planes` bits."""
     names = tensor_names(name)
     return {
         names["planes"]: pw.planes.contiguous().view(torch.uint32),
-        names["scales"]: pw.scale.contiguous(),
-        names["zeros"]: pw.zero.contiguous(),
-        names["code_sums"]: pw.code_sums.contiguous(),
+        names["scales"]: _stored_scale(pw.scale.contiguous()),
+        names["zeros"]: pack_zero_points(pw.zero, pw.planes.shape[0]),
     }
 
 
-def packed_weight_from_tensors(name: str, tensors: Mapping[str, torch.Tensor], meta: dict) -> PackedWeight:
-    """Rebuild one linear from its tensors and metadata; anything missing or malformed -> InputError."""
+def _read_lean(name: str, tensors: Mapping[str, torch.Tensor], planes: torch.Tensor, n: int, k: int,
+               qmax: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale float32, zero float32, code sums) of a version-3 linear; the sums from the planes."""
     names = tensor_names(name)
+    scale = tensors[names["scales"]]
+    if scale.dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"scales must be float16 or float32, got {scale.dtype}")
+    groups = WeightQuantSpec(1, group_size).num_groups(k)
+    zero = unpack_zero_points(tensors[names["zeros"]], n, groups, num_planes(qmax))
+    sums = group_code_sums(unpack_planes(planes, k), group_size)
+    return scale.float(), zero, sums
+
+
+def packed_weight_from_tensors(name: str, tensors: Mapping[str, torch.Tensor], meta: dict,
+                               version: int = FORMAT_VERSION) -> PackedWeight:
+    """Rebuild one linear from its tensors (of a file of `version`) and metadata; anything missing or
+    malformed -> InputError."""
+    names = tensor_names(name, version)
     missing = [n for n in names.values() if n not in tensors]
     if missing:
         raise InputError(f"BTC tensor missing: {', '.join(missing)}")
@@ -275,18 +335,15 @@ def packed_weight_from_tensors(name: str, tensors: Mapping[str, torch.Tensor], m
     if planes.dtype not in (torch.uint32, torch.int32):
         raise InputError(f"{names['planes']}: expected uint32, got {planes.dtype}")
     try:
-        group_size = meta["group_size"]
-        pw = PackedWeight(
-            planes=planes.view(torch.int32),
-            scale=tensors[names["scales"]],
-            zero=tensors[names["zeros"]],
-            code_sums=tensors[names["code_sums"]],
-            in_features=int(meta["in_features"]),
-            out_features=int(meta["out_features"]),
-            bits=int(meta["bits"]),
-            balance=bool(meta["balance"]),
-            group_size=None if group_size is None else int(group_size),
-        )
+        group_size = None if meta["group_size"] is None else int(meta["group_size"])
+        n, k, bits, balance = int(meta["out_features"]), int(meta["in_features"]), int(meta["bits"]), bool(meta["balance"])
+        planes = planes.view(torch.int32)
+        if version >= LEAN_VERSION:
+            scale, zero, sums = _read_lean(name, tensors, planes, n, k, qmax_for(bits, balance), group_size)
+        else:
+            scale, zero, sums = (tensors[names[key]] for key in ("scales", "zeros", "code_sums"))
+        pw = PackedWeight(planes=planes, scale=scale, zero=zero, code_sums=sums, in_features=k,
+                          out_features=n, bits=bits, balance=balance, group_size=group_size)
         pw.check_content()
         return pw
     except ValueError as exc:

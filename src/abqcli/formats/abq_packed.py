@@ -2,7 +2,7 @@
 by the packed runtime (`BTCLinear`).
 
 `model.safetensors` holds the BTC tensors of every quantized linear
-(`<name>.btc_planes|btc_scales|btc_zeros|btc_code_sums`) and every other tensor of the model's state
+(`<name>.btc_planes|btc_scales|btc_zeros`; versions 1 and 2 also `btc_code_sums`) and every other tensor of the model's state
 dict once (tied tensors are stored under one name and listed in `quantization_config.tied_tensors`);
 `config.json` carries `quantization_config` (quant_method "abq", format "btc-bitplane", format_version,
 kv_bits, modules, tied_tensors).
@@ -31,6 +31,7 @@ from torch import nn
 from abqcli import __version__, outputs
 from abqcli.btc.contract import K_ALIGN, check_btc_group, check_int32_bound
 from abqcli.btc.format import (
+    BTC_SUFFIXES,
     FORMAT_VERSION,
     PackedWeight,
     packed_weight_from_tensors,
@@ -66,7 +67,7 @@ from abqcli.runtime import BTCLinear, require_backend
 
 PACKED_WEIGHTS = "model.safetensors"
 TENSOR_FORMAT = "btc-bitplane"
-_BTC_SUFFIXES = tuple(tensor_names("").values())
+SCALE_DTYPE_NAMES = {torch.float16: "float16", torch.float32: "float32", "F16": "float16", "F32": "float32"}
 PACKED, TWIN = "packed", "fakequant"  # what `build` puts in place of each quantized linear
 
 
@@ -141,7 +142,7 @@ ABQ_PACKED = AbqPacked()
 
 
 def _packed_weights(layers: dict[str, LayerQuant], quantized: dict[str, QuantizedWeight]) -> dict[str, PackedWeight]:
-    """The BTC form of every quantized linear, each checked runnable by the BTC GEMM."""
+    """The BTC form of every quantized linear, each checked runnable by the BTC GEMM and readable."""
     missing = sorted(set(layers) ^ set(quantized))
     if missing:
         raise InputError(f"layers and quantized states differ for: {', '.join(missing)}")
@@ -149,6 +150,10 @@ def _packed_weights(layers: dict[str, LayerQuant], quantized: dict[str, Quantize
     for name in sorted(layers):
         pw = PackedWeight.from_quantized(quantized[name])
         _check_packable(name, pw, layers[name].act_bits)
+        try:
+            pw.check_content()  # what a reader refuses is never written
+        except ValueError as exc:
+            raise InputError(f"{name}: cannot pack: {exc}") from exc
         packed[name] = pw
     return packed
 
@@ -179,22 +184,39 @@ def _module_meta(pw: PackedWeight, quant: LayerQuant) -> dict:
 
 
 def packed_layer_stats(pw: PackedWeight) -> dict:
-    """Storage of one packed linear: planes, padding, byte counts and bits per weight."""
-    n, k = pw.out_features, pw.in_features
-    sizes = {
-        "planes": pw.planes.numel() * 4,
-        "scales": pw.scale.numel() * 4,
-        "zeros": pw.zero.numel() * 4,
-        "code_sums": pw.code_sums.numel() * 4,
-    }
-    total = sum(sizes.values())
+    """Storage of one packed linear as written: planes, padding, groups, bytes and bits per weight
+    (`storage_bits`)."""
+    written = packed_weight_to_tensors("", pw)
+    sizes = {key: written[tname].numel() * written[tname].element_size() for key, tname in tensor_names("").items()}
     return {
         "planes": int(pw.planes.shape[0]),
-        "padded_in_features": padded_k(k),
+        "padded_in_features": padded_k(pw.in_features),
         "groups": pw.num_groups,
+        "scale_dtype": SCALE_DTYPE_NAMES[written[tensor_names("")["scales"]].dtype],
+        **storage_bits(sizes, pw.out_features * pw.in_features, int(pw.planes.shape[0]) * pw.out_features * pw.in_features),
+    }
+
+
+def storage_bits(sizes: dict[str, int], weights: int, code_bits: int) -> dict:
+    """Bytes and bits per weight of quantized linears holding `weights` real (unpadded) weights whose
+    codes are `code_bits` bits (planes × weights) and whose BTC tensors take `sizes` bytes (by key:
+    planes, scales, zeros[, code_sums]); every rate is over the real weights:
+
+        bits_per_weight          = code_bits / weights                    (the codes themselves)
+        overhead_bits_per_weight = 8·(scales + zeros [+ code_sums]) / weights
+        bits_per_weight_with_overhead = bits_per_weight + overhead_bits_per_weight
+        padding_bits_per_weight  = 8·planes / weights − bits_per_weight   (columns K … Kp−1, code 0)
+        stored_bits_per_weight   = 8·total / weights
+    """
+    total = sum(sizes.values())
+    codes, overhead = code_bits / weights, (total - sizes["planes"]) * 8 / weights
+    return {
         "bytes": {**sizes, "total": total},
-        "bits_per_weight": sizes["planes"] * 8 / (n * k),
-        "bits_per_weight_with_overhead": total * 8 / (n * k),
+        "bits_per_weight": codes,
+        "overhead_bits_per_weight": overhead,
+        "bits_per_weight_with_overhead": codes + overhead,
+        "padding_bits_per_weight": sizes["planes"] * 8 / weights - codes,
+        "stored_bits_per_weight": total * 8 / weights,
     }
 
 
@@ -298,6 +320,10 @@ class PackedExport:
         return self.quant_config["modules"]
 
     @property
+    def version(self) -> int:
+        return int(self.quant_config["format_version"])
+
+    @property
     def kv_bits(self) -> int:
         return int(self.quant_config["kv_bits"])
 
@@ -327,9 +353,10 @@ def read_packed_export(directory: str | Path, verify: bool = True) -> PackedExpo
         raise InputError(f"{config_path}: quantization_config is {qc.get('quant_method')!r}/{qc.get('format')!r}, "
                          f"expected {QUANT_METHOD!r}/{TENSOR_FORMAT!r}")
     version = qc.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise InputError(f"{config_path}: {TENSOR_FORMAT} format_version {version}; this abq ({__version__}) "
-                         f"reads up to {FORMAT_VERSION}: upgrade abq")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise InputError(f"{config_path}: {TENSOR_FORMAT} format_version {version!r}; this abq ({__version__}) "
+                         f"reads versions 1 to {FORMAT_VERSION}" + (": upgrade abq" if newer else ""))
     if not isinstance(qc.get("modules"), dict) or not isinstance(qc.get("kv_bits"), int):
         raise InputError(f"{config_path}: quantization_config lacks 'modules' or 'kv_bits'")
     _check_agreement(manifest, qc, config_path)
@@ -356,7 +383,7 @@ def _check_agreement(manifest: dict, quant_config: dict, config_path: Path) -> N
             if ours != theirs:
                 raise InputError(f"{where} on {name} {field}: {ours!r} in {config_path.name}, "
                                  f"{theirs!r} in {ABQ_JSON}")
-    for key in ("kv_bits", "kv_transform"):
+    for key in ("format_version", "kv_bits", "kv_transform"):
         if quant_config.get(key) != manifest.get(key):
             raise InputError(f"{where} on {key}: {quant_config.get(key)!r} in {config_path.name}, "
                              f"{manifest.get(key)!r} in {ABQ_JSON}")
@@ -419,7 +446,7 @@ def _replace_quantized(model: nn.Module, export: PackedExport, tensors: dict[str
     returns the state-dict names they replace."""
     replaced = set()
     for name, meta in sorted(export.modules.items()):
-        pw = packed_weight_from_tensors(name, tensors, meta)
+        pw = packed_weight_from_tensors(name, tensors, meta, export.version)
         quant = layer_quant_from_meta({**meta, "act_bits": int(meta.get("act_bits", FP_BITS))})
         bias = tensors.get(f"{name}.bias")
         if mode == PACKED:
@@ -436,7 +463,7 @@ def _load_unquantized(model: nn.Module, export: PackedExport, tensors: dict[str,
     """Load every tensor but the BTC ones (tied aliases restored); refuse a missing or foreign one."""
     from abqcli.models.loading import name_list
 
-    rest = {k: v for k, v in tensors.items() if not k.endswith(_BTC_SUFFIXES)}
+    rest = {k: v for k, v in tensors.items() if not k.endswith(BTC_SUFFIXES)}
     for alias, source in export.tied.items():
         if source not in rest:
             raise InputError(f"tensor missing from {PACKED_WEIGHTS}: {source} (tied to {alias})")

@@ -149,6 +149,26 @@ class CompressedTensors:
 COMPRESSED_TENSORS = CompressedTensors()
 
 
+def linear_bytes(directory: Path) -> tuple[int, int]:
+    """(bytes the quantized linears of an export take — packed or int8 weights, scales, zero points —,
+    bytes the same linears take in FP16), read from `model.safetensors`."""
+    from safetensors import safe_open
+
+    quantized = fp16 = 0
+    with safe_open(str(Path(directory) / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for key in sorted(keys):
+            layer, _, leaf = key.rpartition(".")
+            if leaf not in ("weight_packed", "weight") or f"{layer}.weight_scale" not in keys:
+                continue
+            shape = f.get_tensor(f"{layer}.weight_shape").tolist() if leaf == "weight_packed" else \
+                f.get_slice(key).get_shape()
+            fp16 += 2 * math.prod(shape)
+            quantized += sum(f.get_tensor(f"{layer}.{part}").nbytes for part in
+                             (leaf, "weight_scale", "weight_zero_point") if f"{layer}.{part}" in keys)
+    return quantized, fp16
+
+
 def _library_version() -> str:
     import compressed_tensors
 

@@ -2,13 +2,16 @@
 
     q  = clamp(round(x / s) + z, 0, qmax)          round half to even
     x̂ = (q - z) · s
-    s  = clamp((xmax - xmin) / qmax, 1e-5, 1e4)     asymmetric
+    s  = clamp((xmax - xmin) / qmax, 1e-5, 1e4)     asymmetric; weights: xmin <= 0 <= xmax
+    s  = float32(float16(s))                        weights, `scale_dtype: float16` (the default)
     z  = round(-xmin / s)
 
 `qmax = 2**bits - 1`, except bit balance (W2*): bits == 2 with balance gives `qmax = 4`, five levels.
 Weights get one (s, z) per output row, or per row and group of `group_size` input columns (the last
 group may be partial). Activations get one (s, z) per token, over the last dimension, computed on the
-fly. In training, rounding passes gradients straight through (STE) and LWC scales the range with two
+fly. A weight scale is rounded to the precision the export stores it in (float16 by default, DESIGN §5)
+before the zero point and the codes are computed from it, so the fake-quant model and the packed
+artefact use the very same scale; activation scales are never stored and stay float32. In training, rounding passes gradients straight through (STE) and LWC scales the range with two
 learnable factors per quantization row: `xmax' = σ(u)·xmax`, `xmin' = σ(l)·xmin`. Learned rounding
 (AutoRound-style) adds a learnable offset v ∈ [−½, ½] per weight inside the rounding:
 `q = clamp(round(x / s + v) + z, 0, qmax)`, so training can move each weight to its other neighbour.
@@ -49,11 +52,24 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
-def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of the asymmetric quantizer for a range (differentiable through STE)."""
+def round_scale_ste(scale: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`scale` rounded to `dtype` ("float16" or "float32") and back, identity backward. Every clamped
+    scale (1e-5 .. 1e4) is finite and non-zero in float16 (whose subnormals reach 6e-8)."""
+    if dtype == "float32":
+        return scale
+    if dtype != "float16":
+        raise ValueError(f"scale_dtype must be float16 or float32, got {dtype!r}")
+    return (scale.half().to(scale.dtype) - scale).detach() + scale
+
+
+def affine_params(xmin: torch.Tensor, xmax: torch.Tensor, qmax: int,
+                  scale_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (rounded to `scale_dtype`) and zero point of the asymmetric quantizer for a range
+    (differentiable through STE)."""
     # divide by a tensor, not a Python scalar: on CUDA torch turns a scalar division into a multiply by
     # its reciprocal, which differs in the last bit from the true division the kernels and CPU use
     scale = ((xmax - xmin) / torch.full_like(xmax, qmax)).clamp(SCALE_MIN, SCALE_MAX)
+    scale = round_scale_ste(scale, scale_dtype)
     zero = round_ste(-xmin / scale)
     return scale, zero
 
@@ -71,11 +87,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 @dataclass(frozen=True)
 class WeightQuantSpec:
-    """How one linear's weight is quantized."""
+    """How one linear's weight is quantized; `scale_dtype`: the precision of its scales (float16, the
+    abq-packed default, or float32)."""
 
     bits: int
     group_size: int | None = None
     balance: bool = False
+    scale_dtype: str = "float16"
 
     @property
     def qmax(self) -> int:
@@ -100,9 +118,13 @@ def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
 def weight_range(
     w: torch.Tensor, spec: WeightQuantSpec, lwc: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(xmin, xmax) per row and group, [N, G]; LWC factors (u, l) are logits of shape [N, G]."""
+    """(xmin, xmax) per row and group, [N, G]; LWC factors (u, l) are logits of shape [N, G].
+
+    The range always contains 0 (xmin <= 0 <= xmax, before and after LWC), so the zero point lies in
+    [0, qmax]: a group whose weights all have one sign would otherwise get a zero point outside the
+    codes' range, which no export format stores."""
     wg = _grouped(w, spec.group_size)
-    xmin, xmax = wg.amin(dim=-1), wg.amax(dim=-1)
+    xmin, xmax = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
     if lwc is not None:
         upper, lower = lwc
         xmax = torch.sigmoid(upper) * xmax
@@ -115,7 +137,7 @@ def weight_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per row and group, both [N, G]."""
     xmin, xmax = weight_range(w, spec, lwc)
-    return affine_params(xmin, xmax, spec.qmax)
+    return affine_params(xmin, xmax, spec.qmax, spec.scale_dtype)
 
 
 def _apply_grouped(w: torch.Tensor, spec: WeightQuantSpec, fn) -> torch.Tensor:
