@@ -200,6 +200,23 @@ def gpt2_config():
                       bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
 
+def other_configs() -> dict:
+    """Tiny configs of architectures abq does not quantize (yet): FP evaluation and generation run on any
+    causal LM transformers builds, and quantizing them is refused before any weight loads."""
+    from transformers import Gemma2Config, MixtralConfig, Phi3Config, Qwen3Config
+
+    common = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+              "num_key_value_heads": KV_HEADS, "intermediate_size": FFN, "vocab_size": VOCAB_SIZE,
+              "max_position_embeddings": CONTEXT, **_SPECIAL_IDS}
+    return {
+        "gpt2": gpt2_config(),
+        "qwen3": Qwen3Config(**common, head_dim=HIDDEN // HEADS),
+        "gemma2": Gemma2Config(**common, head_dim=HIDDEN // HEADS, sliding_window=16),
+        "phi3": Phi3Config(**common),
+        "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+    }
+
+
 def save_tiny_model(config, directory: Path, seed: int = 0, tokenizer=None) -> Path:
     """Random-init a causal LM from `config` with larger-than-default weights (std 0.08, so logits are
     not all ~0 and quantization visibly matters), save it and `tokenizer` (default: the word-level one

@@ -64,8 +64,11 @@ def test_model_path_missing(capsys, eval_args, tmp_path):
 
 
 def test_unsupported_architecture(capsys, eval_args, gpt2_dir):
-    code, _, err = run(capsys, *replace(eval_args, "--model", gpt2_dir))
+    """Quantizing (here RTN through --scheme) needs an adapter; FP evaluation does not."""
+    code, _, err = run(capsys, *replace(eval_args, "--model", gpt2_dir), "--scheme", "w4a16")
     assert_one_line_error(code, err, "unsupported architecture", "gpt2", "llama", "opt")
+    code, out, _ = run(capsys, *replace(eval_args, "--model", gpt2_dir))
+    assert code == 0 and "ppl" in out.lower()
 
 
 def test_gguf_alias_not_installed(capsys, eval_args, monkeypatch):

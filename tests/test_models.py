@@ -275,3 +275,21 @@ def test_model_shapes_match_the_brief(tiny_llama, tiny_opt):
     assert llama.max_position_embeddings == CONTEXT
     opt = load_model(str(tiny_opt))[0].config
     assert (opt.hidden_size, opt.ffn_dim, opt.num_hidden_layers) == (HIDDEN, 128, LAYERS)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen3", "gemma2", "phi3", "mixtral"])
+def test_fp_evaluation_runs_any_causal_lm(tmp_path, tiny_text_file, model_type):
+    """`abq eval --model X` without a scheme needs no adapter: any architecture transformers builds gives
+    its FP perplexity; asking to quantize it is still refused before any weight loads."""
+    import math
+
+    from abqcli.evaluate import EvalRequest, run_eval
+    from abqcli.recipe import load_recipe
+    from conftest import other_configs, save_tiny_model
+
+    directory = save_tiny_model(other_configs()[model_type], tmp_path / model_type)
+    result = run_eval(EvalRequest(str(directory), str(tiny_text_file), None, 32, 2, "cpu", "float32"))
+    assert result.mode == "fp" and math.isfinite(result.ppl) and result.ppl > 1
+    with pytest.raises(InputError, match=f"unsupported architecture: '{model_type}'"):
+        run_eval(EvalRequest(str(directory), str(tiny_text_file), None, 32, 2, "cpu", "float32",
+                             load_recipe("w4a16")))

@@ -112,7 +112,7 @@ def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=Non
         if check_config is not None:
             check_config(model.config)
         return OpenedModel(model, tokenizer, str(name), mode)
-    model, tokenizer, source = load_model(name, dtype, device, check_config)
+    model, tokenizer, source = load_model(name, dtype, device, check_config, for_quantization=recipe is not None)
     if recipe is None:
         return OpenedModel(model, tokenizer, source.describe(), "fp")
     from abqcli.recipe_checks import check_recipe_fits

@@ -151,11 +151,13 @@ def load_config(source: ModelSource):
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_config=None,
-               as_fakequant: bool = False):
-    """Load (model, tokenizer, source). The model is in eval mode, on `device`, with SDPA attention.
+               as_fakequant: bool = False, for_quantization: bool = True):
+    """Load (model, tokenizer, source). The model is in eval mode, on `device`, with SDPA attention
+    (eager where the architecture has none: `attention_for`).
 
     The files are checked first (config.json, weight files' headers, tokenizer files; an abq export is
-    refused, as it is not a plain model) and the config is read and checked (supported architecture,
+    refused, as it is not a plain model) and the config is read and checked (an architecture abq can
+    quantize — skipped with `for_quantization=False`: any causal LM transformers builds runs in FP —,
     then `check_config(config)` if given), so that bad input is refused before any weight is loaded.
     `as_fakequant`: the caller has verified the directory's hf-fakequant manifest and opens its checkpoint.
     """
@@ -165,14 +167,15 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_con
     local = Path(source.directory) if source.gguf_file is None and Path(source.directory).is_dir() else None
     config_json = read_config_json(local) if local is not None else {}
     config = load_config(source)
-    adapter_for_config(config)
+    if for_quantization:
+        adapter_for_config(config)
     if check_config is not None:
         check_config(config)
     if local is not None:
         check_model_files(name, local, config_json, as_fakequant)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = load_tokenizer(source)
-    model = _load_weights(source, torch.float32 if source.gguf_file else torch_dtype(dtype))
+    model = _load_weights(source, torch.float32 if source.gguf_file else torch_dtype(dtype), attention_for(config))
     if getattr(model.config, "quantization_config", None) is not None:  # GGUF: weights are dequantized
         del model.config.quantization_config
         model.hf_quantizer = None
@@ -183,7 +186,16 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_con
     return model, tokenizer, source
 
 
-def _load_weights(source: ModelSource, dtype: torch.dtype):
+def attention_for(config) -> str:
+    """"sdpa" (what abq's quantized attention wraps, and every architecture abq quantizes has), or
+    "eager" for an architecture whose transformers class has no SDPA path (Gemma-2's soft-capping)."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
+
+
+def _load_weights(source: ModelSource, dtype: torch.dtype, attention: str):
     """`from_pretrained` whose load report is an error: any weight missing from the checkpoint or of
     another shape (which transformers would initialise randomly) -> InputError naming the tensors. The
     report transformers logs is silenced: it is turned into that one line instead."""
@@ -200,7 +212,7 @@ def _load_weights(source: ModelSource, dtype: torch.dtype):
             gguf_file=source.gguf_file,
             dtype=dtype,
             local_files_only=source.local_files_only,
-            attn_implementation="sdpa",
+            attn_implementation=attention,
             output_loading_info=True,
             ignore_mismatched_sizes=True,  # reported below as an InputError rather than raised
         )
