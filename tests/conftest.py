@@ -183,6 +183,28 @@ def qwen2_config():
     )
 
 
+def qwen3_config():
+    """Qwen3 with q/k norms and mixed layers: layer 0 full attention, layer 1 a 16-token sliding window."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        head_dim=HIDDEN // HEADS, intermediate_size=FFN, vocab_size=VOCAB_SIZE, max_position_embeddings=CONTEXT,
+        tie_word_embeddings=True, use_sliding_window=True, sliding_window=16, max_window_layers=1,
+        **_SPECIAL_IDS,
+    )
+
+
+def mistral_config():
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        intermediate_size=FFN, vocab_size=VOCAB_SIZE, max_position_embeddings=CONTEXT, sliding_window=16,
+        **_SPECIAL_IDS,
+    )
+
+
 def opt_config():
     from transformers import OPTConfig
 
@@ -200,17 +222,23 @@ def gpt2_config():
                       bos_token_id=BOS_ID, eos_token_id=EOS_ID)
 
 
+def adapter_configs() -> dict:
+    """A tiny config of every model type an adapter claims (`supported_model_types()`): the adapter
+    contract test runs on each, and fails for a model type added without one here."""
+    return {"llama": llama_config(), "mistral": mistral_config(), "qwen2": qwen2_config(),
+            "qwen3": qwen3_config(), "opt": opt_config()}
+
+
 def other_configs() -> dict:
     """Tiny configs of architectures abq does not quantize (yet): FP evaluation and generation run on any
     causal LM transformers builds, and quantizing them is refused before any weight loads."""
-    from transformers import Gemma2Config, MixtralConfig, Phi3Config, Qwen3Config
+    from transformers import Gemma2Config, MixtralConfig, Phi3Config
 
     common = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
               "num_key_value_heads": KV_HEADS, "intermediate_size": FFN, "vocab_size": VOCAB_SIZE,
               "max_position_embeddings": CONTEXT, **_SPECIAL_IDS}
     return {
         "gpt2": gpt2_config(),
-        "qwen3": Qwen3Config(**common, head_dim=HIDDEN // HEADS),
         "gemma2": Gemma2Config(**common, head_dim=HIDDEN // HEADS, sliding_window=16),
         "phi3": Phi3Config(**common),
         "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
@@ -240,13 +268,14 @@ def save_tiny_model(config, directory: Path, seed: int = 0, tokenizer=None) -> P
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """{'llama': dir, 'qwen2': dir, 'opt': dir}: tiny random models with tokenizers, built once."""
+    """{'llama': dir, 'qwen2': dir, 'opt': dir, 'qwen3': dir}: tiny random models with tokenizers, built once."""
     root = tmp_path_factory.mktemp("models")
     return {
         "llama": save_tiny_model(llama_config(), root / "tiny-llama", seed=0),
         "qwen2": save_tiny_model(qwen2_config(), root / "tiny-qwen2", seed=1,
                                  tokenizer=make_bpe_tokenizer(make_text(seed=1))),
         "opt": save_tiny_model(opt_config(), root / "tiny-opt", seed=2, tokenizer=make_tokenizer(add_bos=False)),
+        "qwen3": save_tiny_model(qwen3_config(), root / "tiny-qwen3", seed=5),
     }
 
 

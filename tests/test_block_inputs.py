@@ -21,7 +21,7 @@ def mixed_qwen2(tmp_path_factory):
     return save_tiny_model(config, tmp_path_factory.mktemp("models") / "tiny-qwen2-mixed", seed=4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "mixed-qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "opt", "mixed-qwen2"])
 def test_blocks_on_captured_inputs_equal_the_full_forward(arch, tiny_models, mixed_qwen2):
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model

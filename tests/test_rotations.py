@@ -19,7 +19,7 @@ from abqcli.quant.hadamard import (
     paley,
 )
 from abqcli.quant.rotations import RANDOM_HADAMARD, RANDOM_ORTHOGONAL, rotate_model, rotation_matrix
-from conftest import llama_config, opt_config, qwen2_config
+from conftest import llama_config, opt_config, qwen2_config, qwen3_config
 
 
 @pytest.mark.parametrize("order", [12, 20, 28, 36, 44, 60, 76, 108])
@@ -80,7 +80,7 @@ def _max_rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("make_config", [llama_config, qwen2_config], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("make_config", [llama_config, qwen2_config, qwen3_config], ids=["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("kind", [RANDOM_HADAMARD, RANDOM_ORTHOGONAL])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_rotated_model_computes_the_same_logits(make_config, kind, tied):
@@ -102,11 +102,11 @@ def test_rotated_model_computes_the_same_logits(make_config, kind, tied):
     assert result.untied_embeddings is tied
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert not model.config.tie_word_embeddings
-    norms = [m.weight for n, m in model.named_modules() if n.endswith("norm")]
+    norms = [m.weight for n, m in model.named_modules() if n.endswith("norm") and not n.endswith(("q_norm", "k_norm"))]
     assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms)
 
 
-@pytest.mark.parametrize("make_config", [llama_config, qwen2_config], ids=["llama", "qwen2"])
+@pytest.mark.parametrize("make_config", [llama_config, qwen2_config, qwen3_config], ids=["llama", "qwen2", "qwen3"])
 def test_q_k_transform_leaves_full_precision_attention_unchanged(make_config):
     """R3: q and k both transformed after RoPE by an orthogonal H: q·kᵀ, and so the model, unchanged."""
     from abqcli.quant.fakequant import set_kv_quant

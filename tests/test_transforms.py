@@ -23,11 +23,11 @@ from abqcli.quant.transforms import (
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS, VOCAB = 64, 4, 2, 16, 128, 2, 128
 SEQ = 24
 TOL = 1e-5
-FAMILIES = ("llama", "qwen2", "opt")
+FAMILIES = ("llama", "qwen2", "qwen3", "opt")
 
 
 def make_config(family: str):
-    from transformers import LlamaConfig, OPTConfig, Qwen2Config
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     common = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
               "vocab_size": VOCAB, "max_position_embeddings": 64}
@@ -36,6 +36,8 @@ def make_config(family: str):
     if family == "qwen2":
         return Qwen2Config(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=FFN,
                            use_sliding_window=False, **common)
+    if family == "qwen3":
+        return Qwen3Config(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, intermediate_size=FFN, **common)
     return OPTConfig(ffn_dim=FFN, word_embed_proj_dim=HIDDEN, do_layer_norm_before=True, dropout=0.0,
                      attention_dropout=0.0, **common)
 
@@ -157,7 +159,10 @@ def test_identity_exact(setup, compensation):
     stats = collect_activation_stats(block, adapter, inputs)
     before = {n: p.detach().clone() for n, p in block.named_parameters()}
     t = BlockTransform(block, adapter, stats, let=True, alpha=0.5, shift=shift, compensation=compensation)
-    assert t.scales[QK_PAIR].shape == ((KV_HEADS, HEAD_DIM // 2) if family != "opt" else (HIDDEN,))
+    if family == "qwen3":  # q_norm / k_norm sit between the projections and q·kᵀ: no q <-> k pair
+        assert QK_PAIR not in t.scales
+    else:
+        assert t.scales[QK_PAIR].shape == ((KV_HEADS, HEAD_DIM // 2) if family != "opt" else (HIDDEN,))
     # stats-initialised scales are not trivially 1
     assert any((p - 1).abs().max() > 0.1 for n, p in t.scales.items() if n != QK_PAIR)
     base = dict(block.named_parameters())
@@ -176,6 +181,21 @@ def test_identity_exact(setup, compensation):
     # the block itself is untouched
     for n, p in block.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_a_qk_scale_is_not_exact_under_qwen3_q_k_norms():
+    """Why the qwen3 adapter drops the q <-> k pair: the llama adapter's pair, forced onto a qwen3 block,
+    changes its output once the scales move (the per-head RMSNorm undoes part of the row scaling)."""
+    from abqcli.models.adapters import LlamaAdapter
+
+    block, _, inputs = build("qwen3")
+    t = BlockTransform(block, LlamaAdapter(), None, let=True, alpha=0.5, shift=False, compensation=False)
+    perturb(t, torch.Generator().manual_seed(2))
+    base = dict(block.named_parameters())
+    with torch.no_grad():
+        new = t.transformed_params()
+        ref, y = run(block, base, inputs[0]), run(block, {**base, **new}, inputs[0])
+    assert rel_err(y, ref, inputs[0][0][0]) > 100 * TOL
 
 
 def test_gqa_and_rope_layout():

@@ -152,6 +152,18 @@ class LlamaAdapter(Adapter):
         ]
 
 
+class Qwen3Adapter(LlamaAdapter):
+    """qwen3: the llama layout plus an RMSNorm over head_dim on q and on k (`q_norm`, `k_norm`) between
+    the projections and RoPE. A per-channel scale on q's rows does not pass through that norm, so the
+    q <-> k LET pair is dropped (`qk_scaling` false); every other pair (norm -> q/k/v, norm -> gate/up,
+    v -> o, up -> down) and every rotation stays exact: the residual rotation acts on the projections'
+    inputs, the per-head v/o rotation and the online transforms never meet the q/k norms."""
+
+    family = "qwen3"
+    model_types = ("qwen3",)
+    qk_scaling = False
+
+
 class OptAdapter(Adapter):
     """OPT: pre-norm LayerNorm blocks (with bias), learned positions, no GQA; no fc1 -> fc2 pair."""
 
@@ -172,7 +184,7 @@ class OptAdapter(Adapter):
         ]
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OptAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Qwen3Adapter, OptAdapter)
 
 
 def supported_model_types() -> list[str]:

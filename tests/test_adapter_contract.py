@@ -1,0 +1,117 @@
+"""The adapter contract, over every model type an adapter claims (`supported_model_types()`), so that
+adding a model type to an adapter is never a silent one-line change. On a tiny random build of each
+(`conftest.adapter_configs`, mixed full/sliding layers where the architecture has them):
+
+1. every LET transform is an identity in FP on every block, with its scales (and shifts) moved:
+   ≤ 1e-5 relative to the block's own contribution (output − input);
+2. `abq quantize` (ABQ and RTN at W4A8, ABQ at W4A16 g64, and rotated ABQ W4A4 with quantized kv on
+   every family that can be rotated) wraps every decoder linear — counted against
+   the nn.Linear modules inside the blocks — and writes abq-packed and hf-fakequant;
+3. `abq verify` passes: every activation-quantized layer integer-exact, and the packed perplexity equals
+   the fake-quant one to the last digit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from abqcli.models.adapters import adapter_for, supported_model_types
+from conftest import adapter_configs, save_tiny_model
+from test_quantize_cli import abq, write_recipe
+
+TOL = 1e-5
+SEQLEN = 32
+RUNS = [("w4a8", "", "method: abq"), ("w4a8", "", "method: rtn"), ("w4a16", "weights: {group_size: 64}", "method: abq"),
+        ("w4a4", "", "method: abq\nrotation: hadamard")]
+RUN_IDS = ["abq-w4a8", "rtn-w4a8", "abq-w4a16g64", "abq-w4a4-hadamard"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("contract")
+    return {model_type: save_tiny_model(config, root / model_type, seed=7)
+            for model_type, config in adapter_configs().items()}
+
+
+def test_every_claimed_model_type_has_a_tiny_build():
+    assert sorted(adapter_configs()) == sorted(supported_model_types())
+
+
+def _decoder_linears(model: nn.Module, adapter) -> int:
+    return sum(isinstance(m, nn.Linear) for block in adapter.blocks(model) for m in block.modules())
+
+
+@torch.no_grad()
+def _moved(transform, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in transform.scales.values():
+        p.mul_(torch.exp(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)))
+    for p in transform.shifts.values():
+        p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_every_transform_is_an_fp_identity_on_every_block(builds, model_type):
+    from abqcli.models.loading import load_model
+    from abqcli.quant.fakequant import set_kv_quant
+    from abqcli.quant.transforms import BlockTransform, collect_activation_stats
+
+    model, _, _ = load_model(str(builds[model_type]), "float32", "cpu")
+    adapter = adapter_for(model)
+    set_kv_quant(model, adapter, 16)  # as calibration runs the blocks
+    windows = torch.randint(4, 200, (2, SEQLEN), generator=torch.Generator().manual_seed(1))
+    hidden, block_kwargs = adapter.capture_block_inputs(model, windows)
+    for index, block in enumerate(adapter.blocks(model)):
+        inputs = [((hidden[w:w + 1],), block_kwargs[index]) for w in range(len(hidden))]
+        stats = collect_activation_stats(block, adapter, inputs)
+        transform = BlockTransform(block, adapter, stats, let=True, alpha=0.5, shift=adapter.let_shift,
+                                   compensation=False)
+        assert transform.scales, f"{model_type} block {index}: no LET pair"
+        _moved(transform, index)
+        base = dict(block.named_parameters())
+        with torch.no_grad():
+            moved = {**base, **transform.transformed_params()}
+            outputs = []
+            for args, kwargs in inputs:
+                ref, y = block(*args, **kwargs), functional_call(block, moved, args, kwargs)
+                ref, y = (ref[0], y[0]) if isinstance(ref, tuple) else (ref, y)
+                err = float((y - ref).abs().max() / (ref - args[0]).abs().max())
+                assert err <= TOL, f"{model_type} block {index}: relative error {err:.2e}"
+                outputs.append(ref)
+        hidden = torch.cat(outputs)
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+@pytest.mark.parametrize("scheme, extra, calibration", RUNS, ids=RUN_IDS)
+def test_quantize_wraps_every_linear_and_the_export_verifies(builds, tmp_path, tiny_text_file, model_type,
+                                                             scheme, extra, calibration):
+    import json
+
+    from abqcli.models.loading import load_model
+    from abqcli.verify import verify_export
+
+    from transformers import AutoConfig
+
+    from abqcli.models.adapters import adapter_for_config
+
+    rotation_problem = adapter_for_config(AutoConfig.from_pretrained(builds[model_type])).rotation_problem
+    if "rotation" in calibration and rotation_problem:
+        pytest.skip(f"{model_type} is not rotated: {rotation_problem}")
+    recipe = write_recipe(tmp_path, builds[model_type], tiny_text_file, scheme, extra=extra,
+                          calibration=f"{calibration}\nepochs: 1")
+    text = recipe.read_text().replace("formats: [hf-fakequant]", "formats: [abq-packed, hf-fakequant]")
+    recipe.write_text(text.replace("  epochs: 5\n", ""))
+    assert abq(tmp_path, "quantize", recipe) == 0
+    model, _, _ = load_model(str(builds[model_type]), "float32", "cpu")
+    layers = json.loads((tmp_path / "out" / "abq-packed" / "abq.json").read_text())["layers"]
+    assert len(layers) == _decoder_linears(model, adapter_for(model))
+    report = verify_export(tmp_path / "out" / "abq-packed", dataset=str(tiny_text_file), seqlen=SEQLEN, windows=2)
+    assert report.ok, report.problems
+    if scheme != "w4a16":
+        assert report.layers_integer_checked == report.layers_integer_exact == len(layers)
+    assert report.ppl_packed == report.ppl_fakequant
