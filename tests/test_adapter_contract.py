@@ -92,12 +92,11 @@ def test_quantize_wraps_every_linear_and_the_export_verifies(builds, tmp_path, t
                                                              scheme, extra, calibration):
     import json
 
-    from abqcli.models.loading import load_model
-    from abqcli.verify import verify_export
-
     from transformers import AutoConfig
 
     from abqcli.models.adapters import adapter_for_config
+    from abqcli.models.loading import load_model
+    from abqcli.verify import verify_export
 
     rotation_problem = adapter_for_config(AutoConfig.from_pretrained(builds[model_type])).rotation_problem
     if "rotation" in calibration and rotation_problem:
