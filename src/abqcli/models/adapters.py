@@ -20,14 +20,16 @@ from abqcli.errors import InputError
 class LetPair:
     """A learnable equivalent transformation between a producer and the linears that consume its output.
 
-    `producer` is a norm (scales its weight/bias) or a linear (scales its output rows); `consumers` are
-    linears whose input columns get multiplied by the same per-channel scale.
+    `producer` is a norm (scales its weight/bias) or a linear (scales its output rows; `rows` = (start,
+    stop) when only a segment of them feeds the consumers, as v inside a fused qkv_proj); `consumers`
+    are linears whose input columns get multiplied by the same per-channel scale.
     """
 
     name: str
     producer: str
     consumers: tuple[str, ...]
     kind: str  # "norm" | "linear"
+    rows: tuple[int, int] | None = None
 
 
 class _StopForward(Exception):
@@ -164,6 +166,37 @@ class Qwen3Adapter(LlamaAdapter):
     qk_scaling = False
 
 
+class Phi3Adapter(Adapter):
+    """phi3 (Phi-3, Phi-4): pre-norm RMSNorm blocks, RoPE, GQA, with fused projections quantized as the
+    single linears they are: `qkv_proj` (rows q | k | v) and `gate_up_proj` (rows gate | up). The v → o
+    and up → down pairs scale their producer's segment of rows; no q ↔ k pair (q and k are segments of
+    one linear whose rows a q/k scale would have to split) and no rotation (the per-head v/o rotation
+    and the norm folding of the llama path are written for separate q/k/v)."""
+
+    family = "phi3"
+    model_types = ("phi3",)
+    blocks_path = "model.layers"
+    attention = "self_attn"
+    compensation_target = "mlp.down_proj"
+    rope = True
+    qk_scaling = False
+    rotation_problem = ("rotations are not implemented for Phi-3's fused qkv_proj / gate_up_proj; "
+                        "use calibration.rotation: none")
+
+    def let_pairs(self, block: nn.Module) -> list[LetPair]:
+        config = block.self_attn.config
+        head_dim = int(block.self_attn.head_dim)
+        q_rows = config.num_attention_heads * head_dim
+        kv_rows = config.num_key_value_heads * head_dim
+        ffn = block.mlp.down_proj.in_features
+        return [
+            LetPair("qkv", "input_layernorm", ("self_attn.qkv_proj",), "norm"),
+            LetPair("gate_up", "post_attention_layernorm", ("mlp.gate_up_proj",), "norm"),
+            LetPair("out", "self_attn.qkv_proj", ("self_attn.o_proj",), "linear", (q_rows + kv_rows, q_rows + 2 * kv_rows)),
+            LetPair("down", "mlp.gate_up_proj", ("mlp.down_proj",), "linear", (ffn, 2 * ffn)),
+        ]
+
+
 class OptAdapter(Adapter):
     """OPT: pre-norm LayerNorm blocks (with bias), learned positions, no GQA; no fc1 -> fc2 pair."""
 
@@ -184,7 +217,7 @@ class OptAdapter(Adapter):
         ]
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Qwen3Adapter, OptAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Qwen3Adapter, Phi3Adapter, OptAdapter)
 
 
 def supported_model_types() -> list[str]:

@@ -11,7 +11,8 @@ it matter). Transforms, per `adapter.let_pairs(block)`:
 - norm → linears (``kind="norm"``): output channel c of the norm is divided by s[c] (and, with a shift,
   has δ[c] subtracted first: weight' = w/s, bias' = (b − δ)/s); every consumer gets W' = W·diag(s) and,
   with a shift, bias' = bias + W·δ (the original W, before its column scaling).
-- linear → linear (``kind="linear"``): producer rows and bias are divided by s, the consumer's input
+- linear → linear (``kind="linear"``): producer rows and bias are divided by s (only the segment
+  `pair.rows` of a fused producer: v inside qkv_proj, up inside gate_up_proj), the consumer's input
   columns are multiplied by s. Under GQA (v_proj → o_proj) the scale has one entry per *kv* channel and is
   repeated over the query groups: o_proj input index h·head_dim + d uses s[(h // groups)·head_dim + d],
   which is how transformers' `repeat_kv` maps query head h onto kv head h // groups.
@@ -41,6 +42,14 @@ from abqcli.models.adapters import Adapter, LetPair
 SCALE_FLOOR = 1e-2  # |s| below this snaps to ±SCALE_FLOOR at init (DESIGN §4)
 WEIGHT_MAX_FLOOR = 1e-5  # guards max_rows|W| == 0 in the init formula
 QK_PAIR = "qk"  # name of the q ↔ k scale in `BlockTransform.scales`
+
+
+def _row_divisor(s: torch.Tensor, rows: tuple[int, int] | None, n: int) -> torch.Tensor:
+    """Per producer row: s on the pair's segment `rows` (all rows when None), 1 elsewhere."""
+    if rows is None:
+        return s
+    start, stop = rows
+    return torch.cat([s.new_ones(start), s, s.new_ones(n - stop)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,12 +236,10 @@ class BlockTransform(nn.Module):
         return mod
 
     def _attention_dims(self) -> tuple[int, int, int]:
-        """(query heads, kv heads, head_dim) of the block's attention."""
+        """(query heads, kv heads, head_dim) of the block's attention, from its config."""
         attn = self.block.get_submodule(self.adapter.attention)
-        head_dim = int(attn.head_dim)
-        q = self._linear(f"{self.adapter.attention}.q_proj")
-        k = self._linear(f"{self.adapter.attention}.k_proj")
-        return q.weight.shape[0] // head_dim, k.weight.shape[0] // head_dim, head_dim
+        heads = int(attn.config.num_attention_heads)
+        return heads, int(getattr(attn.config, "num_key_value_heads", None) or heads), int(attn.head_dim)
 
     def _behind_online_transform(self, pair: LetPair) -> bool:
         """A consumer transforms its input online (a rotated model's down_proj): a per-channel scale
@@ -243,7 +250,7 @@ class BlockTransform(nn.Module):
     def _add_pair(self, pair: LetPair, stats: dict[str, ActStats] | None) -> None:
         consumers = [self._linear(c) for c in pair.consumers]
         producer = self._producer(pair)
-        channels = producer.weight.shape[0]
+        channels = producer.weight.shape[0] if pair.rows is None else pair.rows[1] - pair.rows[0]
         groups, head_dim = self._consumer_groups(pair, channels, consumers)
         plan = _Plan(pair, channels, groups, head_dim, self._pair_has_shift(pair, producer, consumers))
         if stats is None:
@@ -397,9 +404,10 @@ class BlockTransform(nn.Module):
                     out[b_name] = (b - delta) / s if delta is not None else b / s
             else:
                 w_name, b_name = f"{pair.producer}.weight", f"{pair.producer}.bias"
-                out[w_name] = get(w_name) / s[:, None]
+                rows = _row_divisor(s, pair.rows, get(w_name).shape[0])
+                out[w_name] = get(w_name) / rows[:, None]
                 if has(b_name):
-                    out[b_name] = get(b_name) / s
+                    out[b_name] = get(b_name) / rows
             cols = self._expand_groups(s, plan)
             for c in pair.consumers:
                 w_name, b_name = f"{c}.weight", f"{c}.bias"
