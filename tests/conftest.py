@@ -225,27 +225,30 @@ def gpt2_config():
 def adapter_configs() -> dict:
     """A tiny config of every model type an adapter claims (`supported_model_types()`): the adapter
     contract test runs on each, and fails for a model type added without one here."""
-    from transformers import Phi3Config
+    from transformers import Gemma2Config, Gemma3TextConfig, Phi3Config
 
     phi3 = Phi3Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                       num_key_value_heads=KV_HEADS, intermediate_size=FFN, vocab_size=VOCAB_SIZE,
                       max_position_embeddings=CONTEXT, **_SPECIAL_IDS)
+    gemma = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+             "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN // HEADS, "intermediate_size": FFN,
+             "vocab_size": VOCAB_SIZE, "max_position_embeddings": CONTEXT, "sliding_window": 16, **_SPECIAL_IDS}
     return {"llama": llama_config(), "mistral": mistral_config(), "qwen2": qwen2_config(),
-            "qwen3": qwen3_config(), "phi3": phi3, "opt": opt_config()}
+            "qwen3": qwen3_config(), "phi3": phi3, "gemma2": Gemma2Config(**gemma, attn_logit_softcapping=5.0),
+            "gemma3_text": Gemma3TextConfig(**gemma), "opt": opt_config()}
 
 
 def other_configs() -> dict:
     """Tiny configs of architectures abq does not quantize (yet): FP evaluation and generation run on any
     causal LM transformers builds, and quantizing them is refused before any weight loads."""
-    from transformers import Gemma2Config, MixtralConfig
+    from transformers import MixtralConfig
 
-    common = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-              "num_key_value_heads": KV_HEADS, "intermediate_size": FFN, "vocab_size": VOCAB_SIZE,
-              "max_position_embeddings": CONTEXT, **_SPECIAL_IDS}
     return {
         "gpt2": gpt2_config(),
-        "gemma2": Gemma2Config(**common, head_dim=HIDDEN // HEADS, sliding_window=16),
-        "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2),
+        "mixtral": MixtralConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                 num_key_value_heads=KV_HEADS, intermediate_size=FFN, vocab_size=VOCAB_SIZE,
+                                 max_position_embeddings=CONTEXT, num_local_experts=4, num_experts_per_tok=2,
+                                 **_SPECIAL_IDS),
     }
 
 

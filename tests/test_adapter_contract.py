@@ -56,6 +56,23 @@ def _moved(transform, seed: int) -> None:
 
 
 @pytest.mark.parametrize("model_type", supported_model_types())
+def test_abq_attention_at_16_bits_is_the_architectures_own(builds, model_type):
+    """Calibration and the fake-quant models run attention through abq's function: with kv unquantized
+    it computes what the architecture's own attention does (masks, sliding windows, Gemma-2's
+    soft-capping), to float rounding."""
+    from abqcli.models.loading import load_model
+    from abqcli.quant.fakequant import set_kv_quant
+
+    model, _, _ = load_model(str(builds[model_type]), "float32", "cpu")
+    ids = torch.randint(4, 200, (2, SEQLEN), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        own = model(ids).logits
+        set_kv_quant(model, adapter_for(model), 16)
+        ours = model(ids).logits
+    assert float((ours - own).abs().max() / own.abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
 def test_every_transform_is_an_fp_identity_on_every_block(builds, model_type):
     from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import set_kv_quant

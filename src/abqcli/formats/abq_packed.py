@@ -61,6 +61,7 @@ from abqcli.formats.manifest import (
     write_dir_atomically,
     write_manifest,
 )
+from abqcli.models.loading import attention_for
 from abqcli.quant.quantizer import FP_BITS, LayerQuant, QuantizedWeight, WeightQuantSpec, qmax_for
 from abqcli.registry import FORMATS
 from abqcli.runtime import BTCLinear, require_backend
@@ -266,10 +267,10 @@ def _unquantized_tensors(model: nn.Module, quantized: set[str]) -> tuple[dict[st
 
 
 def _model_config_dict(model: nn.Module, tmp: Path) -> dict:
-    """config.json as transformers writes it (attention set back to sdpa for the file)."""
+    """config.json as transformers writes it (attention set back to the architecture's own for the file)."""
     attn = getattr(model.config, "_attn_implementation", None)
     if attn is not None:
-        model.config._attn_implementation = "sdpa"
+        model.config._attn_implementation = attention_for(model.config)
     try:
         model.config.save_pretrained(tmp)
     finally:
@@ -406,7 +407,7 @@ def _instantiate(export: PackedExport, dtype: torch.dtype) -> tuple[nn.Module, o
         del config.quantization_config
     adapter = adapter_for_config(config)
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config))
     return model, adapter
 
 

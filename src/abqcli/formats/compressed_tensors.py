@@ -36,6 +36,7 @@ from abqcli.formats.manifest import (
     write_dir_atomically,
     write_manifest,
 )
+from abqcli.models.loading import attention_for
 from abqcli.quant.quantizer import FP_BITS, LayerQuant, QuantizedWeight, WeightQuantSpec
 
 USE_INSTEAD = "use abq-packed"
@@ -196,7 +197,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     """A plain transformers model of the same architecture and dtype holding the export's weights
     (abq's wrapped linears and attention left behind), for the library to compress."""
     config = copy.deepcopy(model.config)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention_for(config)
     plain = type(model)(config).to(model.dtype).eval()
     plain.load_state_dict(model.state_dict(), strict=True)
     return plain

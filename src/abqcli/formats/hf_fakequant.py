@@ -29,6 +29,7 @@ from abqcli.formats.manifest import (
     write_dir_atomically,
     write_manifest,
 )
+from abqcli.models.loading import attention_for
 from abqcli.quant.hadamard import apply_input_transform
 from abqcli.quant.quantizer import LayerQuant, QuantizedWeight, WeightQuantSpec
 
@@ -62,7 +63,7 @@ class HfFakequant:
     def _fill(self, tmp: Path, export: ExportInput) -> None:
         model = export.model
         attn = model.config._attn_implementation
-        model.set_attn_implementation("sdpa")  # a plain transformers load must not need abq's attention
+        model.set_attn_implementation(attention_for(model.config))  # a plain load must not need abq's attention
         try:
             with _plain_load_weights(model, export.layers, export.quantized):
                 model.save_pretrained(tmp)

@@ -45,7 +45,9 @@ class Adapter:
     qk_scaling: scaling q rows by r and k rows by 1/r leaves q·kᵀ exact (false for q/k norms between the
                 projections and the product), so LET adds the q <-> k scale;
     let_shift:  the family's norms and their consumers have biases, so `calibration.let.shift: auto` turns
-                LET shifts on for weight-activation runs (OPT).
+                LET shifts on for weight-activation runs (OPT);
+    norm_weight_offset: the norms multiply by (offset + weight) (Gemma: 1 + w; others 0), which a
+                norm-side LET scale must keep.
 
     Rotations (`quant/rotations.py`) read where the residual stream enters and leaves the model: the
     token `embeddings`, the `final_norm` and the `lm_head`; in each block the `norm`-kind LET pairs (a
@@ -63,6 +65,7 @@ class Adapter:
     rope: bool = False
     qk_scaling: bool = True
     let_shift: bool = False
+    norm_weight_offset: float = 0.0
     embeddings: str = ""
     final_norm: str = ""
     lm_head: str = "lm_head"
@@ -197,6 +200,41 @@ class Phi3Adapter(Adapter):
         ]
 
 
+class Gemma2Adapter(Adapter):
+    """gemma2 (Gemma-2): RMSNorms that multiply by (1 + w), a norm after the
+    attention and after the MLP (inside each residual branch: they read o_proj's and down_proj's
+    outputs, which LET leaves unchanged), embeddings scaled by sqrt(hidden) (inside the model, before
+    block 0), attention logit soft-capping (abq's attention runs it eagerly), alternating sliding and
+    global layers (per-block masks). No rotation: the
+    post-branch norms sit between the residual stream and the linears that write it."""
+
+    family = "gemma2"
+    model_types = ("gemma2",)
+    blocks_path = "model.layers"
+    attention = "self_attn"
+    compensation_target = "mlp.down_proj"
+    rope = True
+    norm_weight_offset = 1.0
+    rotation_problem = ("Gemma's norms after the attention and the MLP do not commute with a rotation of "
+                        "the residual stream; use calibration.rotation: none")
+
+    def let_pairs(self, block: nn.Module) -> list[LetPair]:
+        return [
+            LetPair("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+            LetPair("gate_up", "pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
+            LetPair("out", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+            LetPair("down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+        ]
+
+
+class Gemma3Adapter(Gemma2Adapter):
+    """gemma3_text: Gemma-2's layout plus q_norm / k_norm (no q <-> k pair, as for qwen3)."""
+
+    family = "gemma3"
+    model_types = ("gemma3_text",)
+    qk_scaling = False
+
+
 class OptAdapter(Adapter):
     """OPT: pre-norm LayerNorm blocks (with bias), learned positions, no GQA; no fc1 -> fc2 pair."""
 
@@ -217,7 +255,8 @@ class OptAdapter(Adapter):
         ]
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Qwen3Adapter, Phi3Adapter, OptAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Qwen3Adapter, Phi3Adapter, Gemma2Adapter, Gemma3Adapter,
+                                       OptAdapter)
 
 
 def supported_model_types() -> list[str]:

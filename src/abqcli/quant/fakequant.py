@@ -99,10 +99,14 @@ class QuantLinear(nn.Module):
 
 
 def causal_probs(
-    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention probabilities [B, H, Tq, Tk] in float32, causal when no mask is given."""
+    """Softmax attention probabilities [B, H, Tq, Tk] in float32, causal when no mask is given; with
+    `softcap` (Gemma-2) the scores are soft-capped first: cap · tanh(score / cap)."""
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     tq, tk = scores.shape[-2:]
     if attention_mask is None:
         causal = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq)
@@ -122,7 +126,9 @@ def abq_attention(module: nn.Module, query, key, value, attention_mask, scaling=
     """Attention with q/k/v fake-quantized at `module.abq_kv_bits` (16 = off).
 
     With `module.abq_record_probs` set, it runs eagerly and leaves the probabilities (averaged over
-    heads) in `module.abq_probs` for the attention-KL loss; otherwise it calls SDPA.
+    heads) in `module.abq_probs` for the attention-KL loss; with a `softcap` (Gemma-2's attention logit
+    soft-capping, which SDPA cannot do) it runs eagerly; otherwise it calls SDPA. A sliding window is
+    already in `attention_mask` (masks are built as for SDPA).
     """
     bits = getattr(module, "abq_kv_bits", FP_BITS)
     transform = getattr(module, "abq_kv_transform", None)
@@ -133,9 +139,12 @@ def abq_attention(module: nn.Module, query, key, value, attention_mask, scaling=
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    if getattr(module, "abq_record_probs", False):
-        probs = causal_probs(query, key, attention_mask, scaling)
-        module.abq_probs = probs.mean(dim=1)
+    softcap = kwargs.get("softcap")
+    record = getattr(module, "abq_record_probs", False)
+    if record or softcap:
+        probs = causal_probs(query, key, attention_mask, scaling, softcap)
+        if record:
+            module.abq_probs = probs.mean(dim=1)
         out = torch.matmul(probs.to(value.dtype), value)
     else:
         mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None

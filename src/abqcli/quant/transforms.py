@@ -9,7 +9,8 @@ computes exactly the FP block (an identity transform; only quantization of the r
 it matter). Transforms, per `adapter.let_pairs(block)`:
 
 - norm → linears (``kind="norm"``): output channel c of the norm is divided by s[c] (and, with a shift,
-  has δ[c] subtracted first: weight' = w/s, bias' = (b − δ)/s); every consumer gets W' = W·diag(s) and,
+  has δ[c] subtracted first: weight' = w/s, bias' = (b − δ)/s; a Gemma norm multiplies by 1 + w, so
+  there w' = (1 + w)/s − 1: `adapter.norm_weight_offset`); every consumer gets W' = W·diag(s) and,
   with a shift, bias' = bias + W·δ (the original W, before its column scaling).
 - linear → linear (``kind="linear"``): producer rows and bias are divided by s (only the segment
   `pair.rows` of a fused producer: v inside qkv_proj, up inside gate_up_proj), the consumer's input
@@ -396,8 +397,8 @@ class BlockTransform(nn.Module):
             s = self.scales[pair.name]
             delta = self.shifts[pair.name] if plan.shift else None
             if pair.kind == "norm":
-                w_name = f"{pair.producer}.weight"
-                out[w_name] = get(w_name) / s
+                w_name, offset = f"{pair.producer}.weight", self.adapter.norm_weight_offset
+                out[w_name] = (get(w_name) + offset) / s - offset  # the norm multiplies by offset + weight
                 b_name = f"{pair.producer}.bias"
                 if has(b_name):
                     b = get(b_name)
