@@ -12,7 +12,9 @@ with another method, rounding or rotation). RTN is evaluated for every scheme wi
 (`rtn_ppl`) and with the recipe's rotation (`rtn_rotated_ppl`; hadamard when the recipe has none), or
 reused with --merge.
 
-Each ABQ calibration runs `abq quantize` in a subprocess (so its peak RSS is its own), from the
+Each ABQ calibration runs `abq quantize` in a subprocess, started through `sh` (Linux keeps a process's
+RSS high-water mark across fork + exec, so a direct child of this process, which holds the evaluated
+models, would report this process's peak as its own; sh's fork starts it from sh's small one), from the
 `configs/smollm2-*.yaml` recipes (calibration budget overridable with --nsamples/--seqlen/--epochs).
 Perplexity follows DESIGN §7 on wiki.test.raw: first --limit windows of --eval-seqlen tokens.
 Writes benchmarks/results/quality.json, quality.md and quality.png.
@@ -100,7 +102,7 @@ def calibrate(args, recipe_path: str, sets: list[str], workdir: Path) -> dict:
     for s in budget + sets:
         cmd += ["--set", s]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(["sh", "-c", '"$@"; exit $?', "sh", *cmd], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"abq quantize failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")

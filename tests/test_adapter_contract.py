@@ -4,7 +4,7 @@ adding a model type to an adapter is never a silent one-line change. On a tiny r
 
 1. every LET transform is an identity in FP on every block, with its scales (and shifts) moved:
    ≤ 1e-5 relative to the block's own contribution (output − input);
-2. `abq quantize` (ABQ and RTN at W4A8, ABQ at W4A16 g64, and rotated ABQ W4A4 with quantized kv on
+2. `abq quantize` (ABQ and RTN at W4A8 and W4A16 g64, and rotated ABQ W4A4 with quantized kv on
    every family that can be rotated) wraps every decoder linear — counted against
    the nn.Linear modules inside the blocks — and writes abq-packed and hf-fakequant;
 3. `abq verify` passes: every activation-quantized layer integer-exact, and the packed perplexity equals
@@ -24,9 +24,10 @@ from test_quantize_cli import abq, write_recipe
 
 TOL = 1e-5
 SEQLEN = 32
-RUNS = [("w4a8", "", "method: abq"), ("w4a8", "", "method: rtn"), ("w4a16", "weights: {group_size: 64}", "method: abq"),
-        ("w4a4", "", "method: abq\nrotation: hadamard")]
-RUN_IDS = ["abq-w4a8", "rtn-w4a8", "abq-w4a16g64", "abq-w4a4-hadamard"]
+G64 = "weights: {group_size: 64}"
+RUNS = [("w4a8", "", "method: abq"), ("w4a8", "", "method: rtn"), ("w4a16", G64, "method: abq"),
+        ("w4a16", G64, "method: rtn"), ("w4a4", "", "method: abq\nrotation: hadamard")]
+RUN_IDS = ["abq-w4a8", "rtn-w4a8", "abq-w4a16g64", "rtn-w4a16g64", "abq-w4a4-hadamard"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
