@@ -336,15 +336,14 @@ def inspect_cmd(
 
     _check_json_path(json_path)
     report = inspect_export(directory)
-    table = Table(title="abq inspect: layers")
-    columns = {"bits": "bits", "planes": "planes", "group_size": "group", "act_bits": "act",
-               "scale_dtype": "scales", "bits_per_weight_with_overhead": "bits/w", "padding_bits_per_weight":
-               "pad bits/w"}
-    table.add_column("layer")
-    for title in (*columns.values(), "bytes"):
+    table = Table(title="abq inspect: layers (bytes and more per layer: --json)")
+    columns = {"bits": "bits", "group_size": "group", "act_bits": "act", "scale_dtype": "scales",
+               "bits_per_weight_with_overhead": "bits/w", "padding_bits_per_weight": "pad"}
+    table.add_column("layer", overflow="fold", min_width=28)
+    for title in columns.values():
         table.add_column(title, justify="right")
     for name, row in report["layers"].items():
-        table.add_row(name, *(_format_value(row.get(c)) for c in columns), str(row["bytes"]["total"]))
+        table.add_row(name, *(_format_value(row.get(c)) for c in columns))
     out.print(table)
     totals = report["totals"]
     out.print(_table("abq inspect", {k: v for k, v in report.items() if k not in ("layers", "totals")}))
