@@ -27,12 +27,13 @@ KEYS = ("bits_per_weight", "overhead_bits_per_weight", "bits_per_weight_with_ove
 
 
 def packed_storage(recipe: str, data_dir: str, workdir: Path) -> dict:
-    """`abq inspect` totals of an RTN abq-packed export of `recipe` (rotation off: RTN's own default)."""
+    """`abq inspect` totals of an RTN abq-packed export of `recipe` (nearest rounding, no rotation)."""
     from abqcli.verify import inspect_export
 
     out = workdir / Path(recipe).stem
     cmd = [sys.executable, "-m", "abqcli.cli", "quantize", str(ROOT / recipe), "--data-dir", data_dir,
-           "--output", str(out), "--set", "calibration.method=rtn", "--set", "calibration.rotation=none",
+           "--output", str(out), "--set", "calibration.method=rtn", "--set", "calibration.rounding=nearest",
+           "--set", "calibration.rotation=none",
            "--set", "output.formats=[abq-packed]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
