@@ -21,6 +21,7 @@ from torch.func import functional_call
 from abqcli.models.adapters import adapter_for, supported_model_types
 from conftest import adapter_configs, save_tiny_model
 from test_quantize_cli import abq, write_recipe
+from test_transforms import perturb
 
 TOL = 1e-5
 SEQLEN = 32
@@ -45,15 +46,6 @@ def test_every_claimed_model_type_has_a_tiny_build():
 
 def _decoder_linears(model: nn.Module, adapter) -> int:
     return sum(isinstance(m, nn.Linear) for block in adapter.blocks(model) for m in block.modules())
-
-
-@torch.no_grad()
-def _moved(transform, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for p in transform.scales.values():
-        p.mul_(torch.exp(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype)))
-    for p in transform.shifts.values():
-        p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 @pytest.mark.parametrize("model_type", supported_model_types())
@@ -90,7 +82,7 @@ def test_every_transform_is_an_fp_identity_on_every_block(builds, model_type):
         transform = BlockTransform(block, adapter, stats, let=True, alpha=0.5, shift=adapter.let_shift,
                                    compensation=False)
         assert transform.scales, f"{model_type} block {index}: no LET pair"
-        _moved(transform, index)
+        perturb(transform, torch.Generator().manual_seed(index))
         base = dict(block.named_parameters())
         with torch.no_grad():
             moved = {**base, **transform.transformed_params()}

@@ -373,6 +373,9 @@ def _header(path: Path) -> dict[str, tuple[str, list[int], int]]:
     return out
 
 
+_SCALE_DTYPE_NAMES = {"F16": "float16", "F32": "float32"}  # safetensors header dtype -> abq.json's name
+
+
 def inspect_export(directory) -> dict:
     """Storage report of an abq-packed export, read from its safetensors header: per layer bits, planes,
     group size, scale dtype and bytes (planes, scales, zeros, and code sums in versions 1-2); per layer
@@ -381,7 +384,7 @@ def inspect_export(directory) -> dict:
     against fp16 of the same layers, and the file sizes."""
     from abqcli.btc.format import BTC_SUFFIXES, num_planes, tensor_names
     from abqcli.formats import describe_layers
-    from abqcli.formats.abq_packed import PACKED_WEIGHTS, SCALE_DTYPE_NAMES, read_packed_export, storage_bits
+    from abqcli.formats.abq_packed import PACKED_WEIGHTS, read_packed_export, storage_bits
     from abqcli.formats.manifest import resolve_output_dir
     from abqcli.quant.quantizer import qmax_for
 
@@ -404,7 +407,7 @@ def inspect_export(directory) -> dict:
             "bits": int(meta["bits"]), "balance": bool(meta.get("balance")), "act_bits": meta.get("act_bits"),
             "input_transform": meta.get("input_transform"), "planes": planes,
             "group_size": meta.get("group_size"), "in_features": k, "out_features": n,
-            "scale_dtype": SCALE_DTYPE_NAMES.get(header[names["scales"]][0], header[names["scales"]][0]),
+            "scale_dtype": _SCALE_DTYPE_NAMES.get(header[names["scales"]][0], header[names["scales"]][0]),
             **storage_bits(sizes, n * k, planes * n * k),
         }
         tot["weights"] += n * k

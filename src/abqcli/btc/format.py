@@ -93,6 +93,19 @@ def pack_planes(codes: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.from_numpy(planes)
 
 
+def checked_codes(planes: torch.Tensor, k: int, qmax: int) -> torch.Tensor:
+    """The codes [R, k] of bit planes, refusing (ValueError) a non-zero padding bit and a code above
+    qmax (W2*'s 3 planes can spell 5..7)."""
+    kp = padded_k(k)
+    padded = unpack_planes(planes, kp)
+    if bool((padded[:, k:] != 0).any()):
+        raise ValueError(f"non-zero padding bits in columns {k}..{kp - 1}")
+    codes = padded[:, :k]
+    if int(codes.max()) > qmax:
+        raise ValueError(f"codes up to {int(codes.max())}, above qmax {qmax}")
+    return codes
+
+
 def _planes_numpy(planes: torch.Tensor) -> np.ndarray:
     if planes.dim() != 3:
         raise ValueError(f"planes must be 3-D [P, R, Kw], got shape {tuple(planes.shape)}")
@@ -204,18 +217,17 @@ class PackedWeight:
         )
 
     def check_content(self) -> None:
-        """What a reader must refuse (docs/FORMAT.md §7), as ValueError: a non-zero padding bit, a code
-        above qmax (W2*'s 3 planes can spell 5..7), code sums that are not the sums of the stored codes,
-        zero points that are not integers in [0, qmax], and scales that are not finite and positive."""
-        k, kp = self.in_features, padded_k(self.in_features)
-        padded = unpack_planes(self.planes, kp)
-        if bool((padded[:, k:] != 0).any()):
-            raise ValueError(f"non-zero padding bits in columns {k}..{kp - 1}")
-        codes = padded[:, :k]
-        if int(codes.max()) > self.qmax:
-            raise ValueError(f"codes up to {int(codes.max())}, above qmax {self.qmax}")
+        """What a reader of stored code sums (versions 1-2) must refuse (docs/FORMAT.md §7), as
+        ValueError: what `checked_codes` and `check_qparams` refuse, and code sums that are not the sums
+        of the stored codes."""
+        codes = checked_codes(self.planes, self.in_features, self.qmax)
         if not torch.equal(group_code_sums(codes, self.group_size), self.code_sums):
             raise ValueError("code_sums are not the sums of the stored codes")
+        self.check_qparams()
+
+    def check_qparams(self) -> None:
+        """Zero points that are not integers in [0, qmax] and scales that are not finite and positive
+        are a ValueError (what a reader refuses; the writer checks it before writing)."""
         zero = self.zero
         if not bool((zero == zero.round()).all()) or float(zero.min()) < 0 or float(zero.max()) > self.qmax:
             raise ValueError(f"zero points must be integers in [0, {self.qmax}]")
@@ -309,14 +321,15 @@ def packed_weight_to_tensors(name: str, pw: PackedWeight) -> dict[str, torch.Ten
 
 def _read_lean(name: str, tensors: Mapping[str, torch.Tensor], planes: torch.Tensor, n: int, k: int,
                qmax: int, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale float32, zero float32, code sums) of a version-3 linear; the sums from the planes."""
+    """(scale float32, zero float32, code sums) of a version-3 linear; the sums from the planes, whose
+    codes are checked on the way (`checked_codes`)."""
     names = tensor_names(name)
     scale = tensors[names["scales"]]
     if scale.dtype not in (torch.float16, torch.float32):
         raise ValueError(f"scales must be float16 or float32, got {scale.dtype}")
     groups = WeightQuantSpec(1, group_size).num_groups(k)
     zero = unpack_zero_points(tensors[names["zeros"]], n, groups, num_planes(qmax))
-    sums = group_code_sums(unpack_planes(planes, k), group_size)
+    sums = group_code_sums(checked_codes(planes, k, qmax), group_size)
     return scale.float(), zero, sums
 
 
@@ -338,13 +351,17 @@ def packed_weight_from_tensors(name: str, tensors: Mapping[str, torch.Tensor], m
         group_size = None if meta["group_size"] is None else int(meta["group_size"])
         n, k, bits, balance = int(meta["out_features"]), int(meta["in_features"]), int(meta["bits"]), bool(meta["balance"])
         planes = planes.view(torch.int32)
-        if version >= LEAN_VERSION:
+        lean = version >= LEAN_VERSION
+        if lean:
             scale, zero, sums = _read_lean(name, tensors, planes, n, k, qmax_for(bits, balance), group_size)
         else:
             scale, zero, sums = (tensors[names[key]] for key in ("scales", "zeros", "code_sums"))
         pw = PackedWeight(planes=planes, scale=scale, zero=zero, code_sums=sums, in_features=k,
                           out_features=n, bits=bits, balance=balance, group_size=group_size)
-        pw.check_content()
+        if lean:  # the codes were checked while their sums were computed
+            pw.check_qparams()
+        else:
+            pw.check_content()
         return pw
     except ValueError as exc:
         raise InputError(f"{name}: bad BTC tensors: {exc}") from exc

@@ -68,7 +68,6 @@ from abqcli.runtime import BTCLinear, require_backend
 
 PACKED_WEIGHTS = "model.safetensors"
 TENSOR_FORMAT = "btc-bitplane"
-SCALE_DTYPE_NAMES = {torch.float16: "float16", torch.float32: "float32", "F16": "float16", "F32": "float32"}
 PACKED, TWIN = "packed", "fakequant"  # what `build` puts in place of each quantized linear
 
 
@@ -104,8 +103,9 @@ class AbqPacked:
     def _fill(self, tmp: Path, export: ExportInput, packed: dict[str, PackedWeight]) -> None:
         model = export.model
         tensors, tied = _unquantized_tensors(model, set(packed))
-        for name, pw in packed.items():
-            tensors.update(packed_weight_to_tensors(name, pw))
+        written = {name: packed_weight_to_tensors(name, pw) for name, pw in packed.items()}
+        for layer_tensors in written.values():
+            tensors.update(layer_tensors)
         # one metadata key: safetensors writes its metadata map in a per-process random order, so more
         # keys would make two identical exports differ in bytes (config.json holds the format facts)
         save_file(tensors, str(tmp / PACKED_WEIGHTS), metadata={"format": "pt"})
@@ -124,7 +124,7 @@ class AbqPacked:
         shutil.copymode(tmp / RECIPE_YAML, tmp / PACKED_WEIGHTS)  # safetensors creates it 0600
         meta = layer_meta(export.layers, export.quantized)
         for name, pw in packed.items():
-            meta[name].update(packed_layer_stats(pw))
+            meta[name].update(packed_layer_stats(name, pw, written[name]))
         manifest = base_manifest(self, export.kv_bits, meta, export.provenance, export.kv_transform)
         manifest["tensor_format"] = TENSOR_FORMAT
         write_manifest(tmp, manifest)
@@ -152,7 +152,7 @@ def _packed_weights(layers: dict[str, LayerQuant], quantized: dict[str, Quantize
         pw = PackedWeight.from_quantized(quantized[name])
         _check_packable(name, pw, layers[name].act_bits)
         try:
-            pw.check_content()  # what a reader refuses is never written
+            pw.check_qparams()  # what a reader refuses is never written (the codes are packed valid)
         except ValueError as exc:
             raise InputError(f"{name}: cannot pack: {exc}") from exc
         packed[name] = pw
@@ -184,16 +184,16 @@ def _module_meta(pw: PackedWeight, quant: LayerQuant) -> dict:
     return meta
 
 
-def packed_layer_stats(pw: PackedWeight) -> dict:
-    """Storage of one packed linear as written: planes, padding, groups, bytes and bits per weight
-    (`storage_bits`)."""
-    written = packed_weight_to_tensors("", pw)
-    sizes = {key: written[tname].numel() * written[tname].element_size() for key, tname in tensor_names("").items()}
+def packed_layer_stats(name: str, pw: PackedWeight, written: dict[str, torch.Tensor]) -> dict:
+    """Storage of one packed linear `name` from the tensors written for it (`packed_weight_to_tensors`):
+    planes, padding, groups, scale dtype, bytes and bits per weight (`storage_bits`)."""
+    names = tensor_names(name)
+    sizes = {key: written[tname].numel() * written[tname].element_size() for key, tname in names.items()}
     return {
         "planes": int(pw.planes.shape[0]),
         "padded_in_features": padded_k(pw.in_features),
         "groups": pw.num_groups,
-        "scale_dtype": SCALE_DTYPE_NAMES[written[tensor_names("")["scales"]].dtype],
+        "scale_dtype": str(written[names["scales"]].dtype).removeprefix("torch."),
         **storage_bits(sizes, pw.out_features * pw.in_features, int(pw.planes.shape[0]) * pw.out_features * pw.in_features),
     }
 
