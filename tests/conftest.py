@@ -234,21 +234,43 @@ def adapter_configs() -> dict:
              "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN // HEADS, "intermediate_size": FFN,
              "vocab_size": VOCAB_SIZE, "max_position_embeddings": CONTEXT, "sliding_window": 16, **_SPECIAL_IDS}
     return {"llama": llama_config(), "mistral": mistral_config(), "qwen2": qwen2_config(),
-            "qwen3": qwen3_config(), "phi3": phi3, "gemma2": Gemma2Config(**gemma, attn_logit_softcapping=5.0),
-            "gemma3_text": Gemma3TextConfig(**gemma), "opt": opt_config()}
+            "qwen3": qwen3_config(), "mixtral": mixtral_config(), "qwen3_moe": qwen3_moe_config(), "phi3": phi3,
+            "gemma2": Gemma2Config(**gemma, attn_logit_softcapping=5.0), "gemma3_text": Gemma3TextConfig(**gemma),
+            "opt": opt_config()}
+
+
+def mixtral_config(experts: int = 4):
+    """Mixtral: a sparse MoE MLP in every layer, top-2 of `experts` experts."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                         num_key_value_heads=KV_HEADS, intermediate_size=FFN // 2, vocab_size=VOCAB_SIZE,
+                         max_position_embeddings=CONTEXT, num_local_experts=experts, num_experts_per_tok=2,
+                         **_SPECIAL_IDS)
+
+
+def qwen3_moe_config():
+    """Qwen3-MoE with q/k norms: layer 0 sparse (top-2 of 4 experts), layer 1 a dense MLP (`mlp_only_layers`)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                          num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, intermediate_size=FFN,
+                          moe_intermediate_size=FFN // 2, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1],
+                          vocab_size=VOCAB_SIZE, max_position_embeddings=CONTEXT, tie_word_embeddings=False,
+                          **_SPECIAL_IDS)
 
 
 def other_configs() -> dict:
     """Tiny configs of architectures abq does not quantize (yet): FP evaluation and generation run on any
     causal LM transformers builds, and quantizing them is refused before any weight loads."""
-    from transformers import MixtralConfig
+    from transformers import Qwen2MoeConfig
 
     return {
         "gpt2": gpt2_config(),
-        "mixtral": MixtralConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                 num_key_value_heads=KV_HEADS, intermediate_size=FFN, vocab_size=VOCAB_SIZE,
-                                 max_position_embeddings=CONTEXT, num_local_experts=4, num_experts_per_tok=2,
-                                 **_SPECIAL_IDS),
+        "qwen2_moe": Qwen2MoeConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                    num_key_value_heads=KV_HEADS, intermediate_size=FFN, moe_intermediate_size=FFN // 2,
+                                    shared_expert_intermediate_size=FFN, num_experts=4, num_experts_per_tok=2,
+                                    vocab_size=VOCAB_SIZE, max_position_embeddings=CONTEXT, **_SPECIAL_IDS),
     }
 
 

@@ -277,7 +277,7 @@ def test_model_shapes_match_the_brief(tiny_llama, tiny_opt):
     assert (opt.hidden_size, opt.ffn_dim, opt.num_hidden_layers) == (HIDDEN, 128, LAYERS)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "mixtral"])
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2_moe"])
 def test_fp_evaluation_runs_any_causal_lm(tmp_path, tiny_text_file, model_type):
     """`abq eval --model X` without a scheme needs no adapter: any architecture transformers builds gives
     its FP perplexity; asking to quantize it is still refused before any weight loads."""

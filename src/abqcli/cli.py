@@ -82,9 +82,12 @@ def _write_json(path: Path | None, payload: dict) -> None:
 
 
 def _format_value(value: object) -> str:
-    """Floats with 4 decimals, or in scientific notation when that would hide them (tolerances, errors)."""
+    """Floats with 4 decimals, or in scientific notation when that would hide them (tolerances, errors);
+    lists comma-separated ("none" when empty)."""
     if isinstance(value, float):
         return f"{value:.3e}" if value != 0.0 and abs(value) < 1e-3 else f"{value:.4f}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
     return str(value)
 
 

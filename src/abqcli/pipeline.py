@@ -283,6 +283,8 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
             "method": cal.method,
             "rounding": provenance["rounding"],
             "rotation": provenance["rotation"]["kind"],
+            "quantized_linears": len(result.quantized),
+            **expert_summary(result, adapter),
             "outputs": outputs,
             "seconds": round(time.perf_counter() - start, 2),
             "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),
@@ -291,6 +293,19 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
         }
         (stage / QUANT_LOG).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def expert_summary(result: CalibrationResult, adapter) -> dict:
+    """For a MoE model: how many quantized linears are experts', and the experts (full names) the FP
+    model routed no calibration token to, which were rounded to nearest (RTN). Empty for a dense model."""
+    from abqcli.models.experts import expert_index
+
+    experts = sum(expert_index(name) is not None for name in result.quantized)
+    if not experts:
+        return {}
+    unrouted = [f"{adapter.block_prefix(log.block)}.{module}.{e}" for log in result.log
+                for module, tokens in log.expert_tokens.items() for e, n in enumerate(tokens) if n == 0]
+    return {"expert_linears": experts, "experts_without_tokens_rtn": unrouted}
 
 
 def _write_formats(stage: Path, recipe: Recipe, model, tokenizer, recipe_yaml: str, result: CalibrationResult,

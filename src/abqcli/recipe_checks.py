@@ -78,7 +78,7 @@ def check_adapter_maps(model, adapter) -> list[str]:
         modules = dict(block.named_modules())
         needed = {adapter.attention, adapter.compensation_target}
         for pair in adapter.let_pairs(block):
-            needed |= {pair.producer, *pair.consumers}
+            needed |= {pair.producer, *pair.consumers, *pair.float_readers}
         missing = sorted(n for n in needed if n not in modules)
         if missing:
             raise InputError(f"the {adapter.family} adapter cannot map block {index} of this model: "

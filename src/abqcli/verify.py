@@ -10,7 +10,11 @@ pre-hooks capture the input of every quantized linear, and checks, per layer,
   against the float fake-quant formula `F.linear(fake_quantize_activation(x, a), W_dequantized)`:
   max relative difference `max|y − y_ref| / max|y_ref|` at most 1e-5;
 
-and end to end, against the twin (whose quantized linears compute in the integer domain, the packed
+A routed expert of a MoE model that no token of the windows chose gets the per-layer checks on seeded
+Gaussian rows instead (`input: synthetic`, counted in `layers_synthetic_input`); any other layer that
+never ran is a failure.
+
+And end to end, against the twin (whose quantized linears compute in the integer domain, the packed
 CPU runtime's arithmetic — see `QuantLinear`):
 
 * logits, teacher-forced: the twin runs with every quantized linear fed the packed model's input to the
@@ -68,6 +72,7 @@ class VerifyReport:
     layers: list[dict] = field(default_factory=list)
     layers_integer_checked: int = 0
     layers_integer_exact: int = 0
+    layers_synthetic_input: int = 0  # experts no token of the windows was routed to
     layer_float_max_rel: float = 0.0
     layer_float_tol: float = LAYER_FLOAT_TOL
     logits_max_rel: float = 0.0  # teacher-forced
@@ -120,6 +125,11 @@ def _sample_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[0] > rows:
         x = x[torch.linspace(0, x.shape[0] - 1, rows).round().long()]
     return x.float().cpu().clone()
+
+
+def _synthetic_rows(in_features: int, rows: int) -> torch.Tensor:
+    """Seeded standard Gaussian rows [rows, in_features]: the input of a layer no window reached."""
+    return torch.randn(rows, in_features, generator=torch.Generator().manual_seed(in_features))
 
 
 def _integer_check(x: torch.Tensor, pw, act_bits: int, gemm: GemmBackend) -> tuple[bool, torch.Tensor, tuple]:
@@ -309,12 +319,19 @@ def _compare_windows(model: nn.Module, twin: nn.Module, segments: torch.Tensor, 
 
 def _check_layers(report: VerifyReport, linears: dict[str, nn.Module], captured: dict[str, torch.Tensor],
                   gemm: GemmBackend) -> None:
-    """Per-layer integer and float checks of every quantized linear on its captured input, into `report`."""
+    """Per-layer integer and float checks of every quantized linear on its captured input (seeded
+    Gaussian rows for an expert no token was routed to), into `report`."""
+    from abqcli.models.experts import expert_index
+
     for name, module in linears.items():
-        if name not in captured:
+        x, source = captured.get(name), "captured"
+        if x is None and expert_index(name) is not None:
+            x, source = _synthetic_rows(module.in_features, LAYER_ROWS), "synthetic"
+            report.layers_synthetic_input += 1
+        if x is None:
             report.problems.append(f"{name}: no input captured (the layer never ran)")
             continue
-        report.layers.append(_check_layer(name, module, captured[name], gemm))
+        report.layers.append({**_check_layer(name, module, x, gemm), "input": source})
     checked = [r for r in report.layers if r["integer_exact"] is not None]
     report.layers_integer_checked = len(checked)
     report.layers_integer_exact = sum(r["integer_exact"] for r in checked)
@@ -381,11 +398,12 @@ def inspect_export(directory) -> dict:
     group size, scale dtype and bytes (planes, scales, zeros, and code sums in versions 1-2); per layer
     and in total the bits per weight over the real columns — of the codes, of the scale/zero overhead,
     and the cost of padding K to a multiple of 128 on its own (`abq_packed.storage_bits`) — the size
-    against fp16 of the same layers, and the file sizes."""
+    against fp16 of the same layers, how many of the layers are MoE experts', and the file sizes."""
     from abqcli.btc.format import BTC_SUFFIXES, num_planes, tensor_names
     from abqcli.formats import describe_layers
     from abqcli.formats.abq_packed import PACKED_WEIGHTS, read_packed_export, storage_bits
     from abqcli.formats.manifest import resolve_output_dir
+    from abqcli.models.experts import expert_index
     from abqcli.quant.quantizer import qmax_for
 
     export = read_packed_export(resolve_output_dir(directory))
@@ -428,6 +446,7 @@ def inspect_export(directory) -> dict:
         "layers": layers,
         "totals": {
             "quantized_layers": len(layers),
+            "expert_layers": sum(expert_index(name) is not None for name in layers),
             "quantized_weights": weights,
             **totals,
             "fp16_bytes_same_layers": weights * 2,

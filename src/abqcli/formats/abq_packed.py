@@ -408,6 +408,7 @@ def _instantiate(export: PackedExport, dtype: torch.dtype) -> tuple[nn.Module, o
     adapter = adapter_for_config(config)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config))
+    adapter.prepare_model(model)
     return model, adapter
 
 

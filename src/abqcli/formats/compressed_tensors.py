@@ -12,8 +12,8 @@ one to one; only the code's origin moves, to the library's signed range:
 Weight-only W2..W8 (per channel or grouped, asymmetric) → `pack-quantized` (b = bits); W2* (five levels)
 → b = 3 with codes 0..4 (q' ∈ [−4, 0]); W8A8 → `int-quantized` int8 weights per channel with dynamic
 per-token asymmetric int8 input activations (the library's own activation quantizer, which widens each
-token's range to include 0: abq's range is the token's own min..max). Anything else, online rotations
-and quantized kv are refused (`layer_problem`, `recipe_problem`): use abq-packed.
+token's range to include 0: abq's range is the token's own min..max). Anything else, online rotations,
+quantized kv and MoE experts are refused (`layer_problem`, `recipe_problem`): use abq-packed.
 """
 
 from __future__ import annotations
@@ -71,6 +71,17 @@ def online_transform_problem(what: str) -> str:
             f"construction; set calibration.rotation: none or {USE_INSTEAD}")
 
 
+def experts_problem(layers: dict[str, LayerQuant]) -> str | None:
+    """transformers builds a MoE model's experts as fused 3-D parameters, not the nn.Linear modules the
+    library quantizes, so a plain load could not place their quantized weights."""
+    from abqcli.models.experts import expert_index
+
+    if not any(expert_index(name) is not None for name in layers):
+        return None
+    return ("compressed-tensors cannot hold quantized MoE experts for transformers, which builds them as fused "
+            f"3-D parameters rather than linears; {USE_INSTEAD}")
+
+
 def kv_problem(kv_bits: int) -> str | None:
     if kv_bits >= FP_BITS:
         return None
@@ -94,10 +105,10 @@ class CompressedTensors:
     def recipe_problem(self, rotation: str, kv_bits: int, in_features: dict[str, int],
                        layers: dict[str, LayerQuant]) -> str | None:
         """What the model and recipe need beyond each layer's scheme: no online rotation, kv unquantized,
-        and group sizes that divide every quantized layer's input size."""
+        no MoE experts, and group sizes that divide every quantized layer's input size."""
         if rotation != "none":
             return online_transform_problem(f"calibration.rotation {rotation!r}")
-        return kv_problem(kv_bits) or group_size_problem(in_features, layers)
+        return kv_problem(kv_bits) or experts_problem(layers) or group_size_problem(in_features, layers)
 
     def required_files(self, directory: Path) -> list[str]:
         from abqcli.models.loading import SAFETENSORS_INDEX, weight_files
@@ -183,7 +194,8 @@ def check_export(fmt: CompressedTensors, export: ExportInput) -> None:
     in_features = {name: int(qw.codes.shape[1]) for name, qw in export.quantized.items()}
     problems = [fmt.layer_problem(q.weight, q.act_bits) for q in export.layers.values()]
     problems += [online_transform_problem("this export's online input transforms") if online else None,
-                 kv_problem(export.kv_bits), group_size_problem(in_features, export.layers)]
+                 kv_problem(export.kv_bits), experts_problem(export.layers),
+                 group_size_problem(in_features, export.layers)]
     for name, qw in export.quantized.items():
         if qw.zero.min() < 0 or qw.zero.max() > qw.spec.qmax:
             problems.append(f"{name} has zero points outside 0..{qw.spec.qmax}, which compressed-tensors "

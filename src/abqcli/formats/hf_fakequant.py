@@ -1,5 +1,5 @@
 """Format `hf-fakequant` (docs/HF_FAKEQUANT.md): a plain transformers checkpoint whose quantized linears
-hold the dequantized (folded) weights, plus `quant_state.safetensors` with the integer state per linear
+(and MoE experts, written in transformers' own layout) hold the dequantized (folded) weights, plus `quant_state.safetensors` with the integer state per linear
 (`<name>.codes` uint8 [N, K], `<name>.scales` / `<name>.zeros` float32 [N, G]).
 
 Opened by abq, each quantized linear computes in the integer domain from that state (as the packed
@@ -29,6 +29,7 @@ from abqcli.formats.manifest import (
     write_dir_atomically,
     write_manifest,
 )
+from abqcli.models.experts import fused_experts
 from abqcli.models.loading import attention_for
 from abqcli.quant.hadamard import apply_input_transform
 from abqcli.quant.quantizer import LayerQuant, QuantizedWeight, WeightQuantSpec
@@ -65,7 +66,7 @@ class HfFakequant:
         attn = model.config._attn_implementation
         model.set_attn_implementation(attention_for(model.config))  # a plain load must not need abq's attention
         try:
-            with _plain_load_weights(model, export.layers, export.quantized):
+            with _plain_load_weights(model, export.layers, export.quantized), fused_experts(model):
                 model.save_pretrained(tmp)
         finally:
             model.set_attn_implementation(attn)

@@ -8,12 +8,14 @@ an adapter, so supporting a new family means writing one class here (and adding 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatch
 
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
 
 from abqcli.errors import InputError
+from abqcli.models.experts import ExpertLinears, unfuse_experts
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,9 @@ class LetPair:
 
     `producer` is a norm (scales its weight/bias) or a linear (scales its output rows; `rows` = (start,
     stop) when only a segment of them feeds the consumers, as v inside a fused qkv_proj); `consumers`
-    are linears whose input columns get multiplied by the same per-channel scale.
+    are linears whose input columns get multiplied by the same per-channel scale. `float_readers` also
+    read the producer's output but stay in float (a MoE router, whose `weight` is [E, H]): their columns
+    get the same scale, so the transform stays an identity, and they play no part in its initialisation.
     """
 
     name: str
@@ -30,6 +34,7 @@ class LetPair:
     consumers: tuple[str, ...]
     kind: str  # "norm" | "linear"
     rows: tuple[int, int] | None = None
+    float_readers: tuple[str, ...] = ()
 
 
 class _StopForward(Exception):
@@ -47,7 +52,10 @@ class Adapter:
     let_shift:  the family's norms and their consumers have biases, so `calibration.let.shift: auto` turns
                 LET shifts on for weight-activation runs (OPT);
     norm_weight_offset: the norms multiply by (offset + weight) (Gemma: 1 + w; others 0), which a
-                norm-side LET scale must keep.
+                norm-side LET scale must keep;
+    experts / router: where a sparse MoE block keeps its experts (fused 3-D in transformers: abq
+                quantizes them as one linear pair per expert, `models/experts.py`, after
+                `prepare_model`) and its float router; "" for dense families.
 
     Rotations (`quant/rotations.py`) read where the residual stream enters and leaves the model: the
     token `embeddings`, the `final_norm` and the `lm_head`; in each block the `norm`-kind LET pairs (a
@@ -66,6 +74,8 @@ class Adapter:
     qk_scaling: bool = True
     let_shift: bool = False
     norm_weight_offset: float = 0.0
+    experts: str = ""
+    router: str = ""
     embeddings: str = ""
     final_norm: str = ""
     lm_head: str = "lm_head"
@@ -83,6 +93,28 @@ class Adapter:
 
     def attention_module(self, block: nn.Module) -> nn.Module:
         return block.get_submodule(self.attention)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """The model as abq quantizes it, in place: a MoE family's fused experts become one linear pair
+        per expert (`models/experts.py`; the same function). Called by every loader that quantizes or
+        opens a quantized export."""
+        if self.experts:
+            unfuse_experts(model, self.experts)
+
+    def experts_of(self, block: nn.Module) -> ExpertLinears | None:
+        """The block's unfused experts, or None (a dense block, or a dense family)."""
+        if not self.experts:
+            return None
+        try:
+            module = block.get_submodule(self.experts)
+        except AttributeError:
+            return None
+        return module if isinstance(module, ExpertLinears) else None
+
+    @staticmethod
+    def matching(block: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+        """Names (relative to the block) of its modules that match one of the fnmatch `patterns`."""
+        return [name for name, _ in block.named_modules() if any(fnmatch(name, p) for p in patterns)]
 
     def capture_block_inputs(self, model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
         """The first block's input hidden states for every window, [n, T, H] on the CPU, and per block the
@@ -166,6 +198,49 @@ class Qwen3Adapter(LlamaAdapter):
 
     family = "qwen3"
     model_types = ("qwen3",)
+    qk_scaling = False
+
+
+class MixtralAdapter(LlamaAdapter):
+    """mixtral: the llama attention, and a sparse MoE MLP: a float router `mlp.gate` (weight [E, H],
+    top-k of E experts) and E experts, quantized as `mlp.experts.<e>.gate_up_proj` (rows gate | up) and
+    `mlp.experts.<e>.down_proj`. LET: norm -> q/k/v, q <-> k, v -> o as llama; the post-attention norm ->
+    every expert's gate_up_proj (the router's columns get the same scale: its logits, hence the routing,
+    are unchanged); per expert its up rows -> its down_proj. Compensation on o_proj (there is no single
+    down_proj). Rotations as llama: the router reads the rotated stream like the experts, every expert's
+    down_proj writes it and gets the online Hadamard transform. A block without experts (Qwen3-MoE's
+    `mlp_only_layers`) is a llama block."""
+
+    family = "mixtral"
+    model_types = ("mixtral",)
+    experts = "mlp.experts"
+    router = "mlp.gate"
+    compensation_target = "self_attn.o_proj"
+    residual_writers = ("self_attn.o_proj", "mlp.down_proj", "mlp.experts.*.down_proj")
+    online_rotated = ("mlp.down_proj", "mlp.experts.*.down_proj")
+
+    def let_pairs(self, block: nn.Module) -> list[LetPair]:
+        experts = self.experts_of(block)
+        if experts is None:
+            return super().let_pairs(block)
+        names = [f"{self.experts}.{e}" for e in range(len(experts))]
+        ffn = experts[0].down_proj.in_features
+        return [
+            LetPair("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+            LetPair("gate_up", "post_attention_layernorm", tuple(f"{e}.gate_up_proj" for e in names), "norm",
+                    float_readers=(self.router,)),
+            LetPair("out", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+            *(LetPair(f"down_{i}", f"{e}.gate_up_proj", (f"{e}.down_proj",), "linear", (ffn, 2 * ffn))
+              for i, e in enumerate(names)),
+        ]
+
+
+class Qwen3MoeAdapter(MixtralAdapter):
+    """qwen3_moe: Mixtral's MoE blocks (dense llama MLPs in `mlp_only_layers`) with Qwen3's q/k norms, so
+    no q <-> k pair."""
+
+    family = "qwen3_moe"
+    model_types = ("qwen3_moe",)
     qk_scaling = False
 
 
@@ -255,8 +330,8 @@ class OptAdapter(Adapter):
         ]
 
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Qwen3Adapter, Phi3Adapter, Gemma2Adapter, Gemma3Adapter,
-                                       OptAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Qwen3Adapter, MixtralAdapter, Qwen3MoeAdapter, Phi3Adapter,
+                                       Gemma2Adapter, Gemma3Adapter, OptAdapter)
 
 
 def supported_model_types() -> list[str]:

@@ -159,6 +159,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_con
     refused, as it is not a plain model) and the config is read and checked (an architecture abq can
     quantize — skipped with `for_quantization=False`: any causal LM transformers builds runs in FP —,
     then `check_config(config)` if given), so that bad input is refused before any weight is loaded.
+    A model loaded for quantization is the one abq quantizes (`Adapter.prepare_model`: a MoE model's
+    experts as one linear pair each).
     `as_fakequant`: the caller has verified the directory's hf-fakequant manifest and opens its checkpoint.
     """
     from abqcli.models.adapters import adapter_for_config
@@ -167,8 +169,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_con
     local = Path(source.directory) if source.gguf_file is None and Path(source.directory).is_dir() else None
     config_json = read_config_json(local) if local is not None else {}
     config = load_config(source)
-    if for_quantization:
-        adapter_for_config(config)
+    adapter = adapter_for_config(config) if for_quantization else None
     if check_config is not None:
         check_config(config)
     if local is not None:
@@ -183,6 +184,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_con
         _cache_gguf(source, model, tokenizer)
         model.to(torch_dtype(dtype))
     model.eval().to(device)
+    if adapter is not None:
+        adapter.prepare_model(model)
     return model, tokenizer, source
 
 

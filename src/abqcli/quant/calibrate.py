@@ -2,7 +2,8 @@
 
 For each decoder block, in order:
 1. teacher outputs: Y_1 = FP block on the FP-chain input (Y_2, the FP block on the quantized-chain input,
-   is the method's to compute when it trains);
+   is the method's to compute when it trains); in a MoE block this pass also counts the tokens the FP
+   model routes to each expert (an expert with none is rounded to nearest: `BlockContext.unrouted`);
 2. the calibration method (`calibration.method`, from `abqcli.registry.METHODS`; `abqcli.quant.methods`)
    prepares the block, optionally trains it, folds its weights and returns the integer codes and
    (scale, zero) per linear: `rtn` rounds the weights as they are, `abq` trains LET / compensation / LWC;
@@ -27,6 +28,7 @@ from torch import nn
 
 from abqcli.errors import RunError
 from abqcli.models.adapters import Adapter
+from abqcli.models.experts import counting_tokens, unrouted_linears
 from abqcli.quant.checkpoint import BlockLog, Checkpoint, fingerprint
 from abqcli.quant.fakequant import wrap_block_linears
 from abqcli.quant.methods import BlockContext, CalibrationMethod, NonFiniteLoss, run_block
@@ -126,9 +128,10 @@ class Calibrator:
         self.adapter.attention_module(block).abq_kv_bits = self.kv_bits
         dev_kwargs = send_to_device(kwargs, self.device)
         batch_size = self.recipe.calibration.batch_size
-        fp_out = run_block(fp_block, fp_in, dev_kwargs, batch_size, self.device)
+        with counting_tokens(fp_block) as expert_tokens:  # the FP model's routing of the calibration tokens
+            fp_out = run_block(fp_block, fp_in, dev_kwargs, batch_size, self.device)
         return BlockContext(index, len(self.blocks), block, fp_block, qlinears, fp_in, q_in, fp_out, dev_kwargs,
-                            self.device, batch_size)
+                            self.device, batch_size, expert_tokens, unrouted_linears(expert_tokens, qlinears))
 
     def _block(self, ctx: BlockContext, checkpoint: Checkpoint,
                logs: list[BlockLog]) -> tuple[dict[str, QuantizedWeight], torch.Tensor]:
@@ -165,5 +168,5 @@ class Calibrator:
         states = self.method.fold(ctx)
         log = BlockLog(ctx.index, training.loss_first, training.loss_last,
                        round(time.perf_counter() - start, 3), round(_peak_memory_mb(self.device), 1),
-                       training.terms)
+                       training.terms, ctx.expert_tokens)
         return states, log

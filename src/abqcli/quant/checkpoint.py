@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
@@ -34,7 +34,9 @@ CHECKPOINT_STATE = "state.json"
 class BlockLog:
     """What one block's calibration did (one entry of the checkpoint state and of quant_log.json).
 
-    loss_first / loss_last: mean loss over the first / last epoch (None for RTN)."""
+    loss_first / loss_last: mean loss over the first / last epoch (None for RTN); expert_tokens: per
+    experts module of a MoE block (name inside the block), the calibration tokens the FP model routes to
+    each expert (an expert with 0 is rounded to nearest: `BlockContext.unrouted`)."""
 
     block: int
     loss_first: float | None
@@ -42,6 +44,7 @@ class BlockLog:
     seconds: float
     peak_memory_mb: float
     loss_terms_last: dict[str, float] = field(default_factory=dict)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 def tensor_hash(t: torch.Tensor) -> str:
@@ -72,9 +75,10 @@ def _state_problem(state: object) -> str | None:
     if not all(isinstance(v, list) for v in (done, log, sums)) or not len(done) == len(log) == len(sums):
         return "'done', 'log' and 'block_sha256' are not lists of one entry per block"
     fields = {f.name for f in dataclass_fields(BlockLog)}
+    required = {f.name for f in dataclass_fields(BlockLog) if f.default is MISSING and f.default_factory is MISSING}
     if not all(isinstance(d, dict) and set(d) == {"fp", "q"} for d in done):
         return "a 'done' entry is not {fp, q}"
-    if not all(isinstance(entry, dict) and set(entry) == fields for entry in log):
+    if not all(isinstance(entry, dict) and required <= set(entry) <= fields for entry in log):
         return "a 'log' entry is not a block log"
     if not all(isinstance(h, str) for h in sums):
         return "a 'block_sha256' entry is not a checksum"

@@ -2,7 +2,8 @@
 
 With row vectors (a linear computes y = x·Wᵀ with W [out, in]) and an orthogonal Q (Q·Qᵀ = I):
 
-- norms first: an RMSNorm's weight g is folded into the linears that read it (W ← W·diag(g), g ← 1), the
+- norms first: an RMSNorm's weight g is folded into the linears that read it (and a MoE router, which
+  reads it in float: W ← W·diag(g), g ← 1), the
   final norm's into the lm_head, because RMSNorm(x·Q) = RMSNorm(x)·Q holds only without a weight;
 - R1, the residual stream h becomes h·Q: the embeddings E ← E·Q, every linear reading the stream
   W ← W·Q, every linear writing to it W ← Qᵀ·W (bias b ← b·Q), the lm_head W ← W·Q;
@@ -94,7 +95,7 @@ def rotation_problem(model: nn.Module, adapter: Adapter, kind: str,
     sizes = {"hidden size": hidden} if kind == RANDOM_HADAMARD else {}
     sizes["head_dim"] = head_dim
     for index, block in enumerate(adapter.blocks(model)):
-        for rel in adapter.online_rotated:
+        for rel in adapter.matching(block, adapter.online_rotated):
             if quantized(f"{adapter.block_prefix(index)}.{rel}"):
                 sizes[f"{rel} input"] = block.get_submodule(rel).in_features
     for what, n in sizes.items():
@@ -148,7 +149,8 @@ def fuse_norms(model: nn.Module, adapter: Adapter) -> None:
     for block in adapter.blocks(model):
         for pair in adapter.let_pairs(block):
             if pair.kind == "norm":
-                _fold_norm(block.get_submodule(pair.producer), [block.get_submodule(c) for c in pair.consumers])
+                readers = (*pair.consumers, *pair.float_readers)
+                _fold_norm(block.get_submodule(pair.producer), [block.get_submodule(c) for c in readers])
     _fold_norm(model.get_submodule(adapter.final_norm), [model.get_submodule(adapter.lm_head)])
 
 
@@ -168,9 +170,9 @@ def rotate_residual(model: nn.Module, adapter: Adapter, q: torch.Tensor) -> None
     for block in adapter.blocks(model):
         for pair in adapter.let_pairs(block):
             if pair.kind == "norm":
-                for name in pair.consumers:
+                for name in (*pair.consumers, *pair.float_readers):
                     _right(block.get_submodule(name), q)
-        for name in adapter.residual_writers:
+        for name in adapter.matching(block, adapter.residual_writers):
             _left(block.get_submodule(name), q)
     _right(model.get_submodule(adapter.lm_head), q)
 
@@ -194,7 +196,7 @@ def rotate_online(model: nn.Module, adapter: Adapter, quantized: Callable[[str],
     returns their online transforms."""
     online = {}
     for index, block in enumerate(adapter.blocks(model)):
-        for rel in adapter.online_rotated:
+        for rel in adapter.matching(block, adapter.online_rotated):
             name = f"{adapter.block_prefix(index)}.{rel}"
             if quantized(name):
                 linear = block.get_submodule(rel)

@@ -10,8 +10,9 @@ it matter). Transforms, per `adapter.let_pairs(block)`:
 
 - norm → linears (``kind="norm"``): output channel c of the norm is divided by s[c] (and, with a shift,
   has δ[c] subtracted first: weight' = w/s, bias' = (b − δ)/s; a Gemma norm multiplies by 1 + w, so
-  there w' = (1 + w)/s − 1: `adapter.norm_weight_offset`); every consumer gets W' = W·diag(s) and,
-  with a shift, bias' = bias + W·δ (the original W, before its column scaling).
+  there w' = (1 + w)/s − 1: `adapter.norm_weight_offset`); every consumer (and float reader: a MoE
+  router) gets W' = W·diag(s) and, with a shift, bias' = bias + W·δ (the original W, before its column
+  scaling).
 - linear → linear (``kind="linear"``): producer rows and bias are divided by s (only the segment
   `pair.rows` of a fused producer: v inside qkv_proj, up inside gate_up_proj), the consumer's input
   columns are multiplied by s. Under GQA (v_proj → o_proj) the scale has one entry per *kv* channel and is
@@ -25,7 +26,9 @@ it matter). Transforms, per `adapter.let_pairs(block)`:
 - compensation vectors on `adapter.compensation_target`: W' = W_transformed + a·bᵀ (a init 0, b init 1).
 
 Scales are parametrised directly (like OmniQuant) and initialised from activation statistics:
-s = max|x|^α / max_rows|W|^(1−α), then any |s| < 1e-2 snaps to ±1e-2 (init only).
+s = max|x|^α / max_rows|W|^(1−α), then any |s| < 1e-2 snaps to ±1e-2 (init only). The statistics are
+over the consumers that ran: a MoE expert no calibration token was routed to has none, so it plays no
+part in the shared norm pair's init and its own up → down pair is left out.
 """
 
 from __future__ import annotations
@@ -249,6 +252,8 @@ class BlockTransform(nn.Module):
                    for c in pair.consumers)
 
     def _add_pair(self, pair: LetPair, stats: dict[str, ActStats] | None) -> None:
+        if stats is not None and not any(c in stats for c in pair.consumers):
+            return  # no consumer ran (an expert no token was routed to): nothing to initialise it from
         consumers = [self._linear(c) for c in pair.consumers]
         producer = self._producer(pair)
         channels = producer.weight.shape[0] if pair.rows is None else pair.rows[1] - pair.rows[0]
@@ -297,7 +302,8 @@ class BlockTransform(nn.Module):
         norm or a consumer has no bias to fold it into)."""
         if not (self.shift and pair.kind == "norm"):
             return False
-        missing = [c for c, m in zip(pair.consumers, consumers) if m.bias is None]
+        readers = [*zip(pair.consumers, consumers), *((r, self.block.get_submodule(r)) for r in pair.float_readers)]
+        missing = [name for name, m in readers if getattr(m, "bias", None) is None]
         if getattr(producer, "bias", None) is None:
             missing.insert(0, pair.producer)
         if missing:
@@ -310,15 +316,13 @@ class BlockTransform(nn.Module):
     def _initial_scale_shift(self, plan: _Plan, consumers: list[nn.Module],
                              stats: dict[str, ActStats]) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, δ) at init from the FP block's activation statistics (float64, CPU): `init_scale` over the
-        max of every consumer's input and weight columns, δ the first consumer's input range centre."""
-        pair = plan.pair
-        missing = [c for c in pair.consumers if c not in stats]
-        if missing:
-            raise ValueError(f"LET pair {pair.name}: no activation statistics for {', '.join(missing)}")
-        act = torch.stack([stats[c].max_abs.double().cpu() for c in pair.consumers]).amax(dim=0)
-        wmax = torch.stack([c.weight.detach().abs().amax(dim=0).double().cpu() for c in consumers]).amax(0)
+        max of the input and weight columns of every consumer that ran, δ the first one's input range
+        centre."""
+        ran = [(name, c) for name, c in zip(plan.pair.consumers, consumers) if name in stats]
+        act = torch.stack([stats[name].max_abs.double().cpu() for name, _ in ran]).amax(dim=0)
+        wmax = torch.stack([c.weight.detach().abs().amax(dim=0).double().cpu() for _, c in ran]).amax(0)
         scale = init_scale(self._reduce_groups(act, plan), self._reduce_groups(wmax, plan), self.alpha)
-        return scale, stats[pair.consumers[0]].shift.double().cpu()
+        return scale, stats[ran[0][0]].shift.double().cpu()
 
     @staticmethod
     def _reduce_groups(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -410,7 +414,7 @@ class BlockTransform(nn.Module):
                 if has(b_name):
                     out[b_name] = get(b_name) / rows
             cols = self._expand_groups(s, plan)
-            for c in pair.consumers:
+            for c in (*pair.consumers, *pair.float_readers):
                 w_name, b_name = f"{c}.weight", f"{c}.bias"
                 w = get(w_name)
                 if delta is not None:

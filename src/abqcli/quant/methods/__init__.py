@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from abqcli.models.adapters import Adapter
+from abqcli.models.experts import expert_role
 from abqcli.quant.fakequant import QuantLinear
 from abqcli.quant.gptq import collect_hessians, gptq_quantize
 from abqcli.quant.quantizer import QuantizedWeight, quantize_weight
@@ -67,7 +68,11 @@ class BlockContext:
               the inputs of qblock's linears on it (hooks on `qlinears`, `run(qblock, q_in)`) are what a
               Hessian-based rounding accumulates;
     fp_out:   fp_block on fp_in: the FP-chain output Y_1 (the next block's fp_in);
-    kwargs:   the keyword arguments of the block's forward (position embeddings, mask), on `device`.
+    kwargs:   the keyword arguments of the block's forward (position embeddings, mask), on `device`;
+    expert_tokens: a MoE block's calibration tokens per expert as the FP model routes them (fp_block on
+              fp_in), per experts module (name inside the block);
+    unrouted: the quantized linears of experts no calibration token was routed to: rounded to nearest
+              on their full range (no learned clipping or rounding, no Hessian), i.e. RTN.
     """
 
     index: int
@@ -81,6 +86,8 @@ class BlockContext:
     kwargs: dict
     device: torch.device
     batch_size: int
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    unrouted: frozenset[str] = frozenset()
 
     def batches(self) -> list[slice]:
         """The calibration batches over the windows (`calibration.batch_size`)."""
@@ -107,6 +114,13 @@ class NonFiniteLoss(Exception):
     def __init__(self, epoch: int, step: int):
         super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
+
+
+def _first_stage(hessians: dict[str, torch.Tensor]) -> list[str]:
+    """The linears of the first stage among `hessians` (in call order): those sharing the first one's
+    input, and the same linear of every other expert."""
+    first = next(iter(hessians))
+    return [rel for rel, h in hessians.items() if h is hessians[first] or expert_role(rel) == expert_role(first)]
 
 
 class CalibrationMethod:
@@ -154,9 +168,12 @@ class CalibrationMethod:
 
     def round_weight(self, ctx: BlockContext, name: str, weight: torch.Tensor,
                      hessian: torch.Tensor | None = None) -> QuantizedWeight:
-        """The integer state of linear `name` (relative to the block) from its folded float weight: GPTQ
-        when a Hessian is given, else round to nearest (after the learned offset, if any)."""
+        """The integer state of linear `name` (relative to the block) from its folded float weight: RTN for
+        an unrouted expert's linear, GPTQ when a Hessian is given, else round to nearest (after the
+        learned offset, if any)."""
         spec = ctx.qlinears[name].quant.weight
+        if name in ctx.unrouted:
+            return quantize_weight(weight, spec)
         if hessian is not None:
             g = self.recipe.calibration.gptq
             return gptq_quantize(weight, hessian, spec, self.clipping(name), g.damp, g.act_order, g.block_size)
@@ -179,18 +196,20 @@ class CalibrationMethod:
 
     def _gptq_states(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         """GPTQ for every linear. With `gptq.sequential` the block is rounded stage by stage, a stage being
-        the linears fed one tensor (q/k/v, then o, gate/up, down): each stage's Hessians are collected with
-        the stages before it already quantized, i.e. on the inputs it will see (one pass per stage);
-        without it, one pass collects every Hessian on the float block."""
+        the linears fed one tensor (q/k/v, then o, gate/up, down), and in a MoE block that linear of every
+        expert (`expert_role`: every gate_up_proj, then every down_proj): each stage's Hessians are
+        collected with the stages before it already quantized, i.e. on the inputs it will see (one pass
+        per stage); without it, one pass collects every Hessian on the float block."""
         sequential = self.recipe.calibration.gptq.sequential
         states: dict[str, QuantizedWeight] = {}
         remaining = dict(ctx.qlinears)
+        for rel in ctx.unrouted:  # RTN, before any Hessian pass
+            lin = remaining.pop(rel)
+            states[rel] = self.round_weight(ctx, rel, lin.weight)
+            lin.weight.copy_(states[rel].dequantize().to(lin.weight.dtype))
         while remaining:
             hessians = collect_hessians(remaining, lambda: ctx.run(ctx.qblock, ctx.q_in))
-            first = next(iter(hessians.values()), None)
-            stage = [rel for rel, h in hessians.items() if h is first] if sequential and first is not None \
-                else list(remaining)
-            for rel in stage:
+            for rel in _first_stage(hessians) if sequential and hessians else list(remaining):
                 lin = remaining.pop(rel)
                 states[rel] = self.round_weight(ctx, rel, lin.weight, hessians.get(rel))
                 lin.weight.copy_(states[rel].dequantize().to(lin.weight.dtype))

@@ -84,15 +84,16 @@ class AbqMethod(CalibrationMethod):
             compensation=cal.compensation.enabled and compensate,
         )
         self.lwc = {}
+        learned = {rel: lin for rel, lin in ctx.qlinears.items() if rel not in ctx.unrouted}  # the rest: RTN
         if cal.lwc.enabled:
-            for rel, lin in ctx.qlinears.items():
+            for rel, lin in learned.items():
                 shape = (lin.out_features, lin.quant.weight.num_groups(lin.in_features))
                 init = torch.full(shape, cal.lwc.init, device=lin.weight.device)
                 self.lwc[rel] = (nn.Parameter(init.clone()), nn.Parameter(init.clone()))
         self.offsets = {}
         if self.rounding == LEARNED:
             self.offsets = {rel: nn.Parameter(torch.zeros_like(lin.weight, dtype=torch.float32))
-                            for rel, lin in ctx.qlinears.items()}
+                            for rel, lin in learned.items()}
 
     def steps(self, ctx: BlockContext) -> int:
         return self.recipe.epochs * len(ctx.batches())
