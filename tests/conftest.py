@@ -183,6 +183,14 @@ def qwen2_config():
     )
 
 
+def mixed_qwen2_config(window: int = 16):
+    """Qwen2 with mixed layers: layer 0 full attention, layer 1 a `window`-token sliding window."""
+    config = qwen2_config()
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, window, 1
+    config.layer_types = ["full_attention", "sliding_attention"]
+    return config
+
+
 def qwen3_config():
     """Qwen3 with q/k norms and mixed layers: layer 0 full attention, layer 1 a 16-token sliding window."""
     from transformers import Qwen3Config
@@ -233,7 +241,7 @@ def adapter_configs() -> dict:
     gemma = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
              "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN // HEADS, "intermediate_size": FFN,
              "vocab_size": VOCAB_SIZE, "max_position_embeddings": CONTEXT, "sliding_window": 16, **_SPECIAL_IDS}
-    return {"llama": llama_config(), "mistral": mistral_config(), "qwen2": qwen2_config(),
+    return {"llama": llama_config(), "mistral": mistral_config(), "qwen2": mixed_qwen2_config(),
             "qwen3": qwen3_config(), "mixtral": mixtral_config(), "qwen3_moe": qwen3_moe_config(), "phi3": phi3,
             "gemma2": Gemma2Config(**gemma, attn_logit_softcapping=5.0), "gemma3_text": Gemma3TextConfig(**gemma),
             "opt": opt_config()}

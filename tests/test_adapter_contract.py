@@ -1,7 +1,10 @@
 """The adapter contract, over every model type an adapter claims (`supported_model_types()`), so that
 adding a model type to an adapter is never a silent one-line change. On a tiny random build of each
-(`conftest.adapter_configs`, mixed full/sliding layers where the architecture has them):
+(`conftest.adapter_configs`, mixed full/sliding layers where the architecture has them, MoE blocks for
+Mixtral and Qwen3-MoE, whose experts count as decoder linears):
 
+0. each block run on its captured inputs with its own keyword arguments (mask, positions) computes what
+   it does inside the full model;
 1. every LET transform is an identity in FP on every block, with its scales (and shifts) moved:
    ≤ 1e-5 relative to the block's own contribution (output − input);
 2. `abq quantize` (ABQ and RTN at W4A8 and W4A16 g64, and rotated ABQ W4A4 with quantized kv on
@@ -63,6 +66,15 @@ def test_abq_attention_at_16_bits_is_the_architectures_own(builds, model_type):
         set_kv_quant(model, adapter_for(model), 16)
         ours = model(ids).logits
     assert float((ours - own).abs().max() / own.abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_each_block_is_calibrated_with_its_own_inputs(builds, model_type):
+    """What calibration runs each block on (captured hidden states, that block's own mask and position
+    embeddings) gives what the block computes inside the full model."""
+    from test_block_inputs import blocks_match_full_forward
+
+    blocks_match_full_forward(builds[model_type])
 
 
 @pytest.mark.parametrize("model_type", supported_model_types())
