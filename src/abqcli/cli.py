@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from abqcli import __version__
+from abqcli.distributed import DEFAULT_TIMEOUT_S
 from abqcli.errors import EXIT_RUNTIME, AbqError, InputError, RunError
 from abqcli.registry import BACKENDS
 
@@ -83,11 +84,13 @@ def _write_json(path: Path | None, payload: dict) -> None:
 
 def _format_value(value: object) -> str:
     """Floats with 4 decimals, or in scientific notation when that would hide them (tolerances, errors);
-    lists comma-separated ("none" when empty)."""
+    lists comma-separated ("none" when empty), dicts as "key value, ..."."""
     if isinstance(value, float):
         return f"{value:.3e}" if value != 0.0 and abs(value) < 1e-3 else f"{value:.4f}"
     if isinstance(value, list):
         return ", ".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_format_value(v)}" for k, v in value.items())
     return str(value)
 
 
@@ -250,34 +253,68 @@ def quantize_cmd(
                                          "(same model, recipe and data); with no checkpoint yet, "
                                          "start from the beginning.")] = False,
     json_path: JsonOpt = None,
+    collective_timeout: Annotated[int, typer.Option(
+        min=1, help="Under torchrun: seconds a process waits for the others at a synchronisation point before "
+                    "it stops (a dead process must not hang the rest).")] = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Calibrate a model with ABQ (or RTN) per a recipe and write the requested formats.
 
     A checkpoint is written after every block: after Ctrl-C or a crash, run the same command with
     --resume. The output directory gets recipe.yaml, quant_log.json and one folder per format.
+    Data-parallel over N processes: torchrun --nproc-per-node N -m abqcli quantize RECIPE (README).
     """
+    from abqcli.distributed import DataParallel
     from abqcli.pipeline import QuantizeInterrupted, run_quantize
-    from abqcli.recipe import describe, load_recipe
+    from abqcli.recipe import load_recipe
 
     _check_json_path(json_path)
     if output is not None and not output.strip():
         raise InputError("--output is empty: give the output directory")
     resolved = load_recipe(recipe, [*sets, *([f"output.dir={output}"] if output is not None else [])])
-    rotation = resolved.calibration.rotation
-    err.print(f"abq quantize: {describe(resolved)}, method {resolved.calibration.method}, "
-              + (f"{rotation} rotation, " if rotation != "none" else "")
-              + f"model {resolved.model.path} -> {resolved.output.dir}", markup=False, highlight=False)
+    ranks = DataParallel.from_environment(resolved.calibration.device, collective_timeout)
     try:
-        with _progress() as progress:
-            summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress),
-                                   lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True))
-    except QuantizeInterrupted as exc:
-        err.print(exc.advice, markup=False, highlight=False, soft_wrap=True)
-        raise
+        if ranks.rank != 0:
+            _quantize_other_rank(resolved, data_dir, overwrite, resume, ranks)
+            return
+        _print_quantize_header(resolved, ranks)
+        try:
+            with _progress() as progress:
+                summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress),
+                                       lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
+                                       ranks)
+        except QuantizeInterrupted as exc:
+            err.print(exc.advice, markup=False, highlight=False, soft_wrap=True)
+            raise
+    finally:
+        ranks.close()
     rows = {k: v for k, v in summary.items() if k not in ("blocks", "provenance", "outputs")}
     rows.update({f"output {k}": v for k, v in summary["outputs"].items()})
     out.print(_table("abq quantize", rows))
     _write_json(json_path, summary)
+
+
+def _print_quantize_header(recipe, ranks) -> None:
+    from abqcli.recipe import describe
+
+    rotation = recipe.calibration.rotation
+    processes = f", {ranks.world} processes ({ranks.backend}), this is rank 0: it writes the output" \
+        if ranks.active else ""
+    err.print(f"abq quantize: {describe(recipe)}, method {recipe.calibration.method}, "
+              + (f"{rotation} rotation, " if rotation != "none" else "")
+              + f"model {recipe.model.path} -> {recipe.output.dir}{processes}", markup=False, highlight=False)
+
+
+def _quantize_other_rank(recipe, data_dir, overwrite: bool, resume: bool, ranks) -> None:
+    """A rank other than 0: calibrate its share of the windows quietly (rank 0 shows the progress and
+    writes the output); one line when it starts and when it is done."""
+    from abqcli.pipeline import run_quantize
+
+    err.print(f"abq quantize {ranks.label}: calibrating its share of the windows; rank 0 writes "
+              f"{recipe.output.dir}", markup=False, highlight=False, soft_wrap=True)
+    done = run_quantize(recipe, data_dir, overwrite, resume, None, None, ranks)
+    if done:
+        err.print(f"abq quantize {ranks.label}: done, {done['windows_per_process']} windows in {done['seconds']} s",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("pack")

@@ -21,11 +21,13 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from abqcli.distributed import DataParallel
 from abqcli.errors import InputError
 from abqcli.evaluate import resolve_device
 from abqcli.formats import RECIPE_YAML, ExportInput, read_json
@@ -57,10 +59,12 @@ START, RESUME, RESTART, COMPLETE = "start", "resume", "restart", "complete"
 class OutputPlan:
     """What a run does with its output: START (new, empty or --overwrite), RESUME (a checkpoint),
     RESTART (--resume with no checkpoint yet: from the beginning), COMPLETE (--resume of this very
-    recipe's finished output: nothing to do). `checkpointed`: blocks the checkpoint already holds."""
+    recipe's finished output: nothing to do). `checkpointed`: blocks the checkpoint already holds;
+    `checkpoint_processes`: how many processes wrote it."""
 
     action: str
     checkpointed: int = 0
+    checkpoint_processes: int = 1
 
 
 class QuantizeInterrupted(KeyboardInterrupt):
@@ -119,7 +123,8 @@ def _resume_plan(out_dir: Path, recipe: Recipe) -> OutputPlan:
     nothing to do when the output is already this recipe's complete result."""
     shown = recipe.output.dir
     if (out_dir / CHECKPOINT_DIR / CHECKPOINT_STATE).is_file():
-        return OutputPlan(RESUME, len(read_checkpoint(out_dir / CHECKPOINT_DIR)["done"]))
+        state = read_checkpoint(out_dir / CHECKPOINT_DIR)
+        return OutputPlan(RESUME, len(state["done"]), int(state.get("world_size", 1)))
     if not (out_dir / QUANT_LOG).is_file():
         return OutputPlan(RESTART)
     saved = out_dir / RECIPE_YAML
@@ -206,13 +211,18 @@ def build_provenance(recipe: Recipe, source, text, fingerprint: str) -> dict:
 
 
 def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = False, resume: bool = False,
-                 progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> dict:
+                 progress: Progress | None = None, notify: Callable[[str], None] | None = None,
+                 ranks: DataParallel | None = None) -> dict:
     """Calibrate per the recipe and write every requested format; returns the summary (also in quant_log).
 
     Before the model loads, the output is resolved and checked, its parent created and its lock taken (one
     run per output), and leftovers of killed runs removed. `notify` gets one-line notices: a --resume
     that starts from the beginning, or finds the output already complete (then nothing is touched and
-    its quant_log is the summary). Ctrl-C is re-raised as QuantizeInterrupted."""
+    its quant_log is the summary), or resumes a checkpoint written by another number of processes.
+    Ctrl-C is re-raised as QuantizeInterrupted. `ranks`: this process's place in a data-parallel run
+    (`abqcli.distributed`): rank 0 owns the output and tells the others the plan; the others calibrate
+    their share of the windows and return a short summary."""
+    ranks = ranks or DataParallel.single()
     out_dir = resolve_output(Path(recipe.output.dir), model_inputs(recipe.model.path))
     check_loss_terms(recipe)
     check_rounding(recipe)
@@ -220,18 +230,43 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     notify = notify or (lambda line: None)
     counting = _CountingProgress(progress or Progress())
     try:
-        with output_lock(out_dir):
-            remove_stale(out_dir)
-            plan = check_output_dir(out_dir, recipe, overwrite, resume)
+        with output_lock(out_dir) if ranks.rank == 0 else nullcontext():
+            plan = _shared_plan(ranks, lambda: _output_plan(out_dir, recipe, overwrite, resume))
             counting.blocks = plan.checkpointed
             if plan.action == COMPLETE:
                 notify(f"{recipe.output.dir} is already complete for this recipe: nothing to do")
-                return read_json(out_dir / QUANT_LOG)
+                return read_json(out_dir / QUANT_LOG) if ranks.rank == 0 else {}
             if plan.action == RESTART:
                 notify(f"nothing to resume in {recipe.output.dir} (no checkpoint yet): starting from the beginning")
-            return _calibrate_and_export(recipe, out_dir, data_dir, plan.action == RESUME, counting)
+            if plan.action == RESUME and plan.checkpoint_processes != ranks.world:
+                notify(f"the checkpoint was written by {plan.checkpoint_processes} process(es), this run has "
+                       f"{ranks.world}: its {plan.checkpointed} block(s) are re-run from their saved state and "
+                       "their outputs recorded anew (equal up to float rounding, so not compared byte for byte)")
+            return _calibrate_and_export(recipe, out_dir, data_dir, plan.action == RESUME, counting, ranks)
     except KeyboardInterrupt as exc:
         raise QuantizeInterrupted(Path(recipe.output.dir) / CHECKPOINT_DIR, counting.blocks) from exc
+
+
+def _output_plan(out_dir: Path, recipe: Recipe, overwrite: bool, resume: bool) -> OutputPlan:
+    remove_stale(out_dir)
+    return check_output_dir(out_dir, recipe, overwrite, resume)
+
+
+def _shared_plan(ranks: DataParallel, make: Callable[[], OutputPlan]) -> OutputPlan:
+    """Rank 0 makes the plan (or meets an InputError) and every other rank gets the same outcome."""
+    if not ranks.active:
+        return make()
+    if ranks.rank == 0:
+        try:
+            plan = make()
+        except InputError as exc:
+            ranks.broadcast(str(exc))
+            raise
+        return ranks.broadcast(plan)
+    outcome = ranks.broadcast(None)
+    if isinstance(outcome, str):
+        raise InputError(outcome)
+    return outcome
 
 
 def _open_output(out_dir: Path, recipe_yaml: str) -> None:
@@ -245,9 +280,10 @@ def _open_output(out_dir: Path, recipe_yaml: str) -> None:
 
 
 def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, resume: bool,
-                          progress: Progress) -> dict:
+                          progress: Progress, ranks: DataParallel) -> dict:
     """The run itself, in its checked and locked output `out_dir`: load, calibrate (checkpoint in
-    out_dir/checkpoint), then assemble the whole new output in a temporary sibling and swap it in."""
+    out_dir/checkpoint), then assemble the whole new output in a temporary sibling and swap it in
+    (rank 0; another rank returns once its share is calibrated)."""
     from abqcli.evaluate import check_seqlen
     from abqcli.models.adapters import adapter_for
     from abqcli.models.loading import load_model
@@ -255,21 +291,26 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     from abqcli.quant.rotations import rotate_model
 
     cal = recipe.calibration
-    device = torch.device(resolve_device(cal.device, "calibration.device"))
+    device = torch.device(ranks.device(resolve_device(cal.device, "calibration.device")))
     model, tokenizer, source = load_model(recipe.model.path, recipe.model.dtype, "cpu",
                                           lambda cfg: check_seqlen(cal.seqlen, cfg))
     adapter = adapter_for(model)
     check_recipe_fits(recipe, model, adapter)
     windows, text = calibration_windows(recipe, tokenizer, data_dir)
     recipe_yaml = dump_recipe(recipe)
-    _open_output(out_dir, recipe_yaml)
+    if ranks.rank == 0:
+        _open_output(out_dir, recipe_yaml)
     start = time.perf_counter()
     rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None,
                             recipe.kv_bits)
     set_kv_quant(model, adapter, 16, rotation.kv_transform)  # blocks run through abq's attention; FP until calibrated
     calibrator = Calibrator(model, adapter, recipe, windows, out_dir / CHECKPOINT_DIR, device, progress,
-                            rotation.layer_quant(recipe.layer_quant))
+                            rotation.layer_quant(recipe.layer_quant), ranks)
     result: CalibrationResult = calibrator.run(resume=resume)
+    processes = {"world_size": ranks.world, "backend": ranks.backend or None,
+                 "windows_per_process": len(calibrator.local)}
+    if ranks.rank != 0:
+        return {"rank": ranks.rank, **processes, "seconds": round(time.perf_counter() - start, 2)}
     set_kv_quant(model, adapter, result.kv_bits, rotation.kv_transform)
     provenance = build_provenance(recipe, source, text, result.fingerprint)
     provenance["rotation"] = rotation.provenance()
@@ -285,6 +326,7 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
             "rotation": provenance["rotation"]["kind"],
             "quantized_linears": len(result.quantized),
             **expert_summary(result, adapter),
+            "processes": processes,
             "outputs": outputs,
             "seconds": round(time.perf_counter() - start, 2),
             "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),

@@ -10,7 +10,9 @@ For each decoder block, in order:
 3. run the folded quantized block to produce the next block's quantized-chain input;
 4. write a checkpoint (`abqcli.quant.checkpoint`), so that an interrupted run resumes at the next block.
 
-Only one block is on the compute device at a time; the chain inputs stay on the CPU.
+Only one block is on the compute device at a time; the chain inputs stay on the CPU. Over several
+processes (`abqcli.distributed`) each rank runs the loop on its share of the windows, with the
+statistics, gradients and Hessians that feed the block's learnable tensors reduced across ranks.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 
+from abqcli.distributed import DataParallel
 from abqcli.errors import RunError
 from abqcli.models.adapters import Adapter
 from abqcli.models.experts import counting_tokens, unrouted_linears
-from abqcli.quant.checkpoint import BlockLog, Checkpoint, fingerprint
+from abqcli.quant.checkpoint import BlockLog, Checkpoint, chain_hash, fingerprint
 from abqcli.quant.fakequant import wrap_block_linears
 from abqcli.quant.methods import BlockContext, CalibrationMethod, NonFiniteLoss, run_block
 from abqcli.quant.quantizer import FP_BITS, LayerQuant, QuantizedWeight
@@ -82,9 +85,10 @@ class Calibrator:
 
     def __init__(self, model: nn.Module, adapter: Adapter, recipe: Recipe, windows: torch.Tensor,
                  checkpoint_dir: Path, device: torch.device, progress: Progress | None = None,
-                 layer_quant: Callable[[str], LayerQuant | None] | None = None):
+                 layer_quant: Callable[[str], LayerQuant | None] | None = None, ranks: DataParallel | None = None):
         """`layer_quant` (default `recipe.layer_quant`): each linear's quantization, online transforms
-        of a rotated model included (`RotationResult.layer_quant`)."""
+        of a rotated model included (`RotationResult.layer_quant`); `ranks`: this process's share of a
+        data-parallel run (default: one process, every window)."""
         self.model, self.adapter, self.recipe, self.windows = model, adapter, recipe, windows
         self.layer_quant = layer_quant or recipe.layer_quant
         self.checkpoint_dir = checkpoint_dir
@@ -92,12 +96,16 @@ class Calibrator:
         self.progress = progress or Progress()
         self.blocks = adapter.blocks(model)
         self.kv_bits = recipe.kv_bits
+        self.ranks = ranks or DataParallel.single()
+        self.local = self.ranks.local_windows(len(windows), recipe.calibration.batch_size)
+        self.batch_size = recipe.calibration.batch_size // self.ranks.world
         self.method: CalibrationMethod = METHODS.load(recipe.calibration.method)(recipe, adapter)
 
     def run(self, resume: bool = False) -> CalibrationResult:
         run_fingerprint = fingerprint(self.model, self.recipe, self.windows)
-        checkpoint = (Checkpoint.resume if resume else Checkpoint.start)(self.checkpoint_dir, run_fingerprint)
-        fp_in, block_kwargs = self.adapter.capture_block_inputs(self.model, self.windows)
+        checkpoint = (Checkpoint.resume if resume else Checkpoint.start)(self.checkpoint_dir, run_fingerprint,
+                                                                         self.ranks)
+        fp_in, block_kwargs = self.adapter.capture_block_inputs(self.model, self.windows[self.local])
         q_in = fp_in
         quantized: dict[str, QuantizedWeight] = {}
         layers: dict[str, LayerQuant] = {}
@@ -127,11 +135,13 @@ class Calibrator:
         qlinears = wrap_block_linears(block, self.adapter, prefix, self.layer_quant)
         self.adapter.attention_module(block).abq_kv_bits = self.kv_bits
         dev_kwargs = send_to_device(kwargs, self.device)
-        batch_size = self.recipe.calibration.batch_size
         with counting_tokens(fp_block) as expert_tokens:  # the FP model's routing of the calibration tokens
-            fp_out = run_block(fp_block, fp_in, dev_kwargs, batch_size, self.device)
+            fp_out = run_block(fp_block, fp_in, dev_kwargs, self.batch_size, self.device)
+        expert_tokens = {name: self.ranks.sum_(torch.tensor(counts)).tolist()
+                         for name, counts in sorted(expert_tokens.items())}
         return BlockContext(index, len(self.blocks), block, fp_block, qlinears, fp_in, q_in, fp_out, dev_kwargs,
-                            self.device, batch_size, expert_tokens, unrouted_linears(expert_tokens, qlinears))
+                            self.device, self.batch_size, expert_tokens, unrouted_linears(expert_tokens, qlinears),
+                            self.ranks)
 
     def _block(self, ctx: BlockContext, checkpoint: Checkpoint,
                logs: list[BlockLog]) -> tuple[dict[str, QuantizedWeight], torch.Tensor]:
@@ -144,10 +154,11 @@ class Calibrator:
             states, log = self._calibrate_block(ctx)
             logs.append(log)
         q_out = ctx.run(ctx.qblock, ctx.q_in)
+        hashes = chain_hash(ctx.fp_out, self.ranks, self.local), chain_hash(q_out, self.ranks, self.local)
         if done:
-            checkpoint.check_block(ctx.index, ctx.fp_out, q_out)
+            checkpoint.check_block(ctx.index, *hashes)
         else:
-            checkpoint.save_block(ctx.index, ctx.qblock, states, ctx.fp_out, q_out, logs)
+            checkpoint.save_block(ctx.index, ctx.qblock, states, *hashes, logs)
             self.progress.block_end(logs[-1])
         return states, q_out
 

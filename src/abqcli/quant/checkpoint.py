@@ -1,11 +1,15 @@
 """The calibration checkpoint: one run's fingerprint, and each completed block's state, so that an
 interrupted run resumes at the next block and gives byte-identical results (not part of any method).
 
-    <checkpoint>/state.json              {"fingerprint", "done": [{fp, q}], "log": [BlockLog], "block_sha256"}
+    <checkpoint>/state.json              {"fingerprint", "done": [{fp, q}], "log": [BlockLog], "block_sha256",
+                                          "world_size"}
     <checkpoint>/block_0000.safetensors  param.<name> (the folded block), codes/scale/zero.<linear>
 
-"done" holds the sha256 of each block's FP-chain and quantized-chain outputs: a resumed block must
-reproduce them. "block_sha256" holds each block file's sha256: a truncated or corrupted file is refused
+"done" holds the sha256 of each block's FP-chain and quantized-chain outputs (`chain_hash`): a resumed
+block must reproduce them when the run has as many processes as the one that wrote them ("world_size",
+1 when absent); with another number, the windows are batched differently, so the outputs can differ by
+float rounding and are recorded anew instead (`Checkpoint.comparable`). Over several processes rank 0
+writes the files (`abqcli.distributed`). "block_sha256" holds each block file's sha256: a truncated or corrupted file is refused
 before the model loads (`read_checkpoint`).
 """
 
@@ -22,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from abqcli.checksums import sha256_file
+from abqcli.distributed import DataParallel
 from abqcli.errors import InputError, RunError
 from abqcli.quant.fakequant import QuantLinear
 from abqcli.quant.quantizer import QuantizedWeight
@@ -49,6 +54,16 @@ class BlockLog:
 
 def tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def chain_hash(chain: torch.Tensor, ranks: DataParallel, windows: torch.Tensor) -> str:
+    """sha256 of a chain's outputs [n, T, H]: of the whole tensor on one process; over several, of the
+    per-window hashes in window order (`windows`: the global index of each local window)."""
+    if not ranks.active:
+        return tensor_hash(chain)
+    local = [(int(i), tensor_hash(chain[j])) for j, i in enumerate(windows)]
+    pairs = sorted(pair for part in ranks.gather(local) for pair in part)
+    return hashlib.sha256("".join(h for _, h in pairs).encode()).hexdigest()
 
 
 def fingerprint(model: nn.Module, recipe: Recipe, windows: torch.Tensor) -> str:
@@ -111,19 +126,21 @@ def read_checkpoint(checkpoint_dir: Path) -> dict:
 class Checkpoint:
     """One run's checkpoint directory and its state (`start` a new one or `resume` one)."""
 
-    def __init__(self, directory: Path, state: dict):
-        self.directory, self.state = directory, state
+    def __init__(self, directory: Path, state: dict, ranks: DataParallel):
+        self.directory, self.state, self.ranks = directory, state, ranks
+        self.comparable = state.get("world_size", 1) == ranks.world
+        state["world_size"] = ranks.world
 
     @classmethod
-    def start(cls, directory: Path, run_fingerprint: str) -> Checkpoint:
-        """A new checkpoint: the files of an earlier run in `directory` are removed."""
-        if directory.exists():
+    def start(cls, directory: Path, run_fingerprint: str, ranks: DataParallel) -> Checkpoint:
+        """A new checkpoint: the files of an earlier run in `directory` are removed (by rank 0)."""
+        if directory.exists() and ranks.rank == 0:
             for stale in directory.glob("*"):
                 stale.unlink()
-        return cls(directory, {"fingerprint": run_fingerprint, "done": [], "log": [], "block_sha256": []})
+        return cls(directory, {"fingerprint": run_fingerprint, "done": [], "log": [], "block_sha256": []}, ranks)
 
     @classmethod
-    def resume(cls, directory: Path, run_fingerprint: str) -> Checkpoint:
+    def resume(cls, directory: Path, run_fingerprint: str, ranks: DataParallel) -> Checkpoint:
         """The checkpoint in `directory` (checked by `read_checkpoint`), made by this very run."""
         state = read_checkpoint(directory)
         if state["fingerprint"] != run_fingerprint:
@@ -131,7 +148,7 @@ class Checkpoint:
                 "cannot resume: the checkpoint was made with a different model, recipe or calibration data "
                 f"({directory / CHECKPOINT_STATE}); run without --resume (and --overwrite) to start again"
             )
-        return cls(directory, state)
+        return cls(directory, state, ranks)
 
     def blocks(self) -> int:
         """How many blocks (the first ones) are checkpointed."""
@@ -148,17 +165,24 @@ class Checkpoint:
         return {rel: QuantizedWeight(tensors[f"codes.{rel}"], tensors[f"scale.{rel}"], tensors[f"zero.{rel}"],
                                      lin.quant.weight) for rel, lin in qlinears.items()}
 
-    def check_block(self, index: int, fp_out: torch.Tensor, q_out: torch.Tensor) -> None:
-        """A loaded block must reproduce the outputs the checkpoint recorded."""
-        if self.state["done"][index] != {"fp": tensor_hash(fp_out), "q": tensor_hash(q_out)}:
+    def check_block(self, index: int, fp_hash: str, q_hash: str) -> None:
+        """A loaded block must reproduce the outputs the checkpoint recorded (`comparable`); else its
+        outputs' hashes replace the recorded ones (written with the next block)."""
+        done = {"fp": fp_hash, "q": q_hash}
+        if not self.comparable:
+            self.state["done"][index] = done
+        elif self.state["done"][index] != done:
             raise RunError(f"cannot resume: block {index} reproduces different outputs than the "
                            "checkpoint recorded (different torch build or thread count?)")
 
     def save_block(self, index: int, qblock: nn.Module, states: dict[str, QuantizedWeight],
-                   fp_out: torch.Tensor, q_out: torch.Tensor, logs: list[BlockLog]) -> None:
-        """Record calibrated block `index`: its file (sha256 in the state) first, then the state atomically."""
-        self.state["done"].append({"fp": tensor_hash(fp_out), "q": tensor_hash(q_out)})
+                   fp_hash: str, q_hash: str, logs: list[BlockLog]) -> None:
+        """Record calibrated block `index`: its file (sha256 in the state) first, then the state atomically
+        (rank 0 only)."""
+        self.state["done"].append({"fp": fp_hash, "q": q_hash})
         self.state["log"] = [asdict(entry) for entry in logs]
+        if self.ranks.rank != 0:
+            return
         tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in qblock.state_dict().items()}
         for rel, qw in states.items():
             tensors[f"codes.{rel}"] = qw.codes.cpu().contiguous()

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from abqcli.distributed import DataParallel
 from abqcli.quant.quantizer import QuantizedWeight, WeightQuantSpec, fake_quantize_activation, weight_qparams
 
 DEFAULT_BLOCK_SIZE = 128
@@ -72,6 +73,26 @@ def collect_hessians(linears: Mapping[str, nn.Module], run: Callable[[], object]
         for handle in handles:
             handle.remove()
     return {name: acc.hessian for name, acc in accumulators.items() if acc.hessian is not None}
+
+
+def reduce_hessians(hessians: dict[str, torch.Tensor], linears: Mapping[str, nn.Module],
+                    ranks: DataParallel) -> dict[str, torch.Tensor]:
+    """The Hessians summed over the ranks of a data-parallel run (each holds Σ xᵀx over its windows),
+    in the order of `linears`; a linear no rank's tokens reached has none. Linears that share one
+    accumulator still share the reduced tensor."""
+    if not ranks.active:
+        return hessians
+    reduced: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, module in linears.items():
+        h = hessians.get(name)
+        key = id(h) if h is not None else id(module)
+        if key not in reduced:
+            k = module.in_features
+            local = h if h is not None else torch.zeros(k, k, dtype=torch.float64)
+            reduced[key] = ranks.sum_(local.clone())
+        out[name] = reduced[key]
+    return {name: h for name, h in out.items() if bool(h.any())}
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:

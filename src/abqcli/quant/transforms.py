@@ -40,6 +40,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 
+from abqcli.distributed import DataParallel
 from abqcli.errors import InputError
 from abqcli.models.adapters import Adapter, LetPair
 
@@ -83,10 +84,11 @@ def _is_linear(mod: nn.Module) -> bool:
 
 @torch.no_grad()
 def collect_activation_stats(
-    block: nn.Module, adapter: Adapter, inputs: Iterable[tuple[tuple, dict]]
+    block: nn.Module, adapter: Adapter, inputs: Iterable[tuple[tuple, dict]], ranks: DataParallel | None = None
 ) -> dict[str, ActStats]:
     """Run `block(*args, **kwargs)` for each captured input and return the input statistics of every
-    linear in the block, keyed by its name relative to the block ("self_attn.q_proj").
+    linear in the block that ran, keyed by its name relative to the block ("self_attn.q_proj"); with
+    `ranks`, over every rank's inputs (max / min reduced: exact).
 
     Input tensors are moved to the block's device. `adapter` is accepted for symmetry with the rest of
     the API; every nn.Linear (or QuantLinear) of the block is hooked.
@@ -124,6 +126,8 @@ def collect_activation_stats(
             h.remove()
     if windows == 0:
         raise ValueError("collect_activation_stats: no calibration inputs")
+    if ranks is not None and ranks.active:
+        _reduce_ranges(linears, hi, lo, ranks)
     return {
         name: ActStats(
             max_abs=torch.maximum(hi[name], -lo[name]).cpu(),
@@ -132,6 +136,22 @@ def collect_activation_stats(
         for name in linears
         if name in hi
     }
+
+
+def _reduce_ranges(linears: dict[str, nn.Module], hi: dict[str, torch.Tensor], lo: dict[str, torch.Tensor],
+                   ranks: DataParallel) -> None:
+    """hi / lo of every linear maxed / minned over the ranks, in place (one all-reduce each, in the
+    block's order); a linear that ran on no rank is left out."""
+    for name, mod in linears.items():
+        k = mod.in_features
+        h = ranks.max_(hi.get(name, torch.full((k,), -torch.inf, device=_device_of(mod))).clone())
+        low = ranks.min_(lo.get(name, torch.full((k,), torch.inf, device=_device_of(mod))).clone())
+        if bool(torch.isfinite(h).any()):
+            hi[name], lo[name] = h, low
+
+
+def _device_of(mod: nn.Module) -> torch.device:
+    return mod.weight.device
 
 
 # --------------------------------------------------------------------------------------------------

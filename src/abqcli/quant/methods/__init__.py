@@ -32,10 +32,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from abqcli.distributed import DataParallel
 from abqcli.models.adapters import Adapter
 from abqcli.models.experts import expert_role
 from abqcli.quant.fakequant import QuantLinear
-from abqcli.quant.gptq import collect_hessians, gptq_quantize
+from abqcli.quant.gptq import collect_hessians, gptq_quantize, reduce_hessians
 from abqcli.quant.quantizer import QuantizedWeight, quantize_weight
 from abqcli.recipe import Recipe
 
@@ -72,7 +73,9 @@ class BlockContext:
     expert_tokens: a MoE block's calibration tokens per expert as the FP model routes them (fp_block on
               fp_in), per experts module (name inside the block);
     unrouted: the quantized linears of experts no calibration token was routed to: rounded to nearest
-              on their full range (no learned clipping or rounding, no Hessian), i.e. RTN.
+              on their full range (no learned clipping or rounding, no Hessian), i.e. RTN;
+    ranks:    this process's place in a data-parallel run: the chains hold its share of the windows, and
+              what feeds the block's learnable tensors is reduced across ranks (`abqcli.distributed`).
     """
 
     index: int
@@ -88,6 +91,7 @@ class BlockContext:
     batch_size: int
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     unrouted: frozenset[str] = frozenset()
+    ranks: DataParallel = field(default_factory=DataParallel.single)
 
     def batches(self) -> list[slice]:
         """The calibration batches over the windows (`calibration.batch_size`)."""
@@ -208,7 +212,8 @@ class CalibrationMethod:
             states[rel] = self.round_weight(ctx, rel, lin.weight)
             lin.weight.copy_(states[rel].dequantize().to(lin.weight.dtype))
         while remaining:
-            hessians = collect_hessians(remaining, lambda: ctx.run(ctx.qblock, ctx.q_in))
+            hessians = reduce_hessians(collect_hessians(remaining, lambda: ctx.run(ctx.qblock, ctx.q_in)),
+                                       remaining, ctx.ranks)
             for rel in _first_stage(hessians) if sequential and hessians else list(remaining):
                 lin = remaining.pop(rel)
                 states[rel] = self.round_weight(ctx, rel, lin.weight, hessians.get(rel))

@@ -76,7 +76,8 @@ class AbqMethod(CalibrationMethod):
         stats = None
         if cal.let.enabled:
             stats = collect_activation_stats(
-                ctx.fp_block, self.adapter, [((ctx.fp_in[b].to(ctx.device),), ctx.kwargs) for b in ctx.batches()]
+                ctx.fp_block, self.adapter, [((ctx.fp_in[b].to(ctx.device),), ctx.kwargs) for b in ctx.batches()],
+                ctx.ranks,
             )
         compensate = ctx.index < cal.compensation.first or ctx.index >= ctx.num_blocks - cal.compensation.last
         self.transform = BlockTransform(
@@ -122,14 +123,16 @@ class AbqMethod(CalibrationMethod):
             for step, b in enumerate(ctx.batches()):
                 p_1 = teacher_probs[step] if teacher_probs else None
                 loss, terms = self._loss(ctx, b, fp_on_q, p_1)
-                if not math.isfinite(loss.item()):
+                value = ctx.ranks.mean(loss.item())  # the global batch's loss (every rank stops together)
+                if not math.isfinite(value):
                     raise NonFiniteLoss(epoch, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                ctx.ranks.mean_gradients([p for g in groups for p in g["params"]])
                 optimizer.step()
                 self._clamp_offsets()
-                epoch_losses[-1].append(loss.item())
-                on_step(epoch, step, loss.item())
+                epoch_losses[-1].append(value)
+                on_step(epoch, step, value)
         return Training(_mean(epoch_losses[0]), _mean(epoch_losses[-1]), terms)
 
     @torch.no_grad()
@@ -169,7 +172,8 @@ class AbqMethod(CalibrationMethod):
         finally:
             attn_q.abq_record_probs = False
         p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
-        return block_loss(y_q, ctx.fp_out[b].to(dev), fp_on_q[b].to(dev), p_q, p_1, self.recipe.calibration.loss)
+        return block_loss(y_q, ctx.fp_out[b].to(dev), fp_on_q[b].to(dev), p_q, p_1, self.recipe.calibration.loss,
+                          ctx.ranks)
 
     def folded_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         return self.transform.transformed_params()
