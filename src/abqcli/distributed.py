@@ -24,6 +24,7 @@ with one line (`RunError`) instead of hanging.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -201,5 +202,7 @@ class DataParallel:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, less a leading `[source.cc:123]` location."""
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", text[0]) if text else type(exc).__name__
+    return line[:160]
