@@ -22,6 +22,6 @@ def _first_step(self, *args, **kwargs):
 
 torch.optim.AdamW.step = _first_step
 
-from abqcli.cli import main  # noqa: E402  (after the patch)
+from abqcli.cli import main  # imported after the patch
 
 sys.exit(main(sys.argv[1:]))

@@ -50,25 +50,23 @@ def _recipe(directory: Path, model: Path, text: Path, method: str) -> Path:
     return recipe
 
 
-def _torchrun(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(cmd, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=300)
+def _launch(workdir: Path, processes: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` on one process, or under torchrun on `processes` (standalone rendezvous)."""
+    run = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    return subprocess.run([*run, *args], cwd=workdir, env=env or ENV, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 @pytest.fixture(scope="module")
 def abq_runs(tmp_path_factory, tiny_llama, tiny_text_file) -> dict[str, Path]:
     """The same ABQ W4A8 recipe on one process and on two, each saving its first step's gradients."""
     runs = {}
-    for name, launch in (("one", [sys.executable]), ("two", None)):
+    for name, processes in (("one", 1), ("two", 2)):
         workdir = tmp_path_factory.mktemp(f"abq-{name}")
         recipe = _recipe(workdir, tiny_llama, tiny_text_file, "abq")
-        args = [str(DRIVER), "quantize", str(recipe)]
-        env = {**ENV, "ABQ_FIRST_STEP": str(workdir / "first_step.pt")}
-        if launch:
-            done = subprocess.run([*launch, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-            done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+        done = _launch(workdir, processes, str(DRIVER), "quantize", str(recipe),
+                       env={**ENV, "ABQ_FIRST_STEP": str(workdir / "first_step.pt")})
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = workdir
     return runs
@@ -123,7 +121,7 @@ def test_gptq_over_two_processes_sums_the_hessians(tmp_path, tiny_llama, tiny_te
     for workdir in (one, two):
         _recipe(workdir, tiny_llama, tiny_text_file, "gptq")
     assert abq(one, "quantize", one / "recipe.yaml") == 0
-    done = _torchrun(two, "-m", "abqcli", "quantize", str(two / "recipe.yaml"))
+    done = _launch(two, 2, "-m", "abqcli", "quantize", str(two / "recipe.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 1/2: calibrating its share of the windows" in done.stderr
     assert _code_difference(one / "out" / "abq-packed", two / "out" / "abq-packed") <= 1e-4
