@@ -136,7 +136,7 @@ class Calibrator:
         self.adapter.attention_module(block).abq_kv_bits = self.kv_bits
         dev_kwargs = send_to_device(kwargs, self.device)
         with counting_tokens(fp_block) as expert_tokens:  # the FP model's routing of the calibration tokens
-            fp_out = run_block(fp_block, fp_in, dev_kwargs, self.batch_size, self.device)
+            fp_out = run_block(fp_block, fp_in, dev_kwargs, self.device)
         expert_tokens = {name: self.ranks.sum_(torch.tensor(counts)).tolist()
                          for name, counts in sorted(expert_tokens.items())}
         return BlockContext(index, len(self.blocks), block, fp_block, qlinears, fp_in, q_in, fp_out, dev_kwargs,

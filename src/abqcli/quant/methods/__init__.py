@@ -50,10 +50,12 @@ def batches(n: int, batch_size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, batch_size: int,
-              device: torch.device) -> torch.Tensor:
-    """`block` on every window of `inputs` ([n, T, H], CPU), batch by batch on `device`; the outputs on the CPU."""
-    return torch.cat([block(inputs[b].to(device), **kwargs).cpu() for b in batches(len(inputs), batch_size)])
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
+    """`block` on every window of `inputs` ([n, T, H], CPU), one window at a time on `device`; the outputs
+    on the CPU. Window by window, so that these outputs (teachers, chains, Hessians) do not depend on
+    how the windows are batched for training or split between processes: float rounding of a matmul
+    can depend on how many rows it multiplies at once."""
+    return torch.cat([block(inputs[i:i + 1].to(device), **kwargs).cpu() for i in range(len(inputs))])
 
 
 @dataclass
@@ -99,7 +101,7 @@ class BlockContext:
 
     def run(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """`module` (qblock or fp_block) on every window of `inputs`, without gradients; CPU output."""
-        return run_block(module, inputs, self.kwargs, self.batch_size, self.device)
+        return run_block(module, inputs, self.kwargs, self.device)
 
 
 @dataclass
