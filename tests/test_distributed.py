@@ -139,7 +139,7 @@ def test_a_killed_rank_stops_the_other_and_one_process_resumes(tmp_path, tiny_ll
     recipe = _recipe(tmp_path, tiny_llama, tiny_text_file, "abq")
     recipe.write_text(recipe.read_text().replace("epochs: 2", "epochs: 150"))
     env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port(), "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
-    cmd = [sys.executable, "-m", "abqcli", "quantize", str(recipe), "--collective-timeout", "60"]
+    cmd = [sys.executable, "-m", "abqcli", "quantize", str(recipe), "--dist-timeout", "60"]
     rank0 = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "RANK": "0"}, stderr=subprocess.PIPE,
                              stdout=subprocess.DEVNULL, text=True)
     rank1 = subprocess.Popen(cmd, cwd=tmp_path, env={**env, "RANK": "1"}, stderr=subprocess.DEVNULL,

@@ -253,7 +253,7 @@ def quantize_cmd(
                                          "(same model, recipe and data); with no checkpoint yet, "
                                          "start from the beginning.")] = False,
     json_path: JsonOpt = None,
-    collective_timeout: Annotated[int, typer.Option(
+    dist_timeout: Annotated[int, typer.Option(
         min=1, help="Under torchrun: seconds a process waits for the others at a synchronisation point before "
                     "it stops (a dead process must not hang the rest).")] = DEFAULT_TIMEOUT_S,
 ) -> None:
@@ -271,7 +271,7 @@ def quantize_cmd(
     if output is not None and not output.strip():
         raise InputError("--output is empty: give the output directory")
     resolved = load_recipe(recipe, [*sets, *([f"output.dir={output}"] if output is not None else [])])
-    ranks = DataParallel.from_environment(resolved.calibration.device, collective_timeout)
+    ranks = DataParallel.from_environment(resolved.calibration.device, dist_timeout)
     try:
         if ranks.rank != 0:
             _quantize_other_rank(resolved, data_dir, overwrite, resume, ranks)
