@@ -102,36 +102,26 @@ class DataParallel:
 
     # ---- collectives (no-ops on one process) -------------------------------------------------------
 
-    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        """All-reduce `t` in place with `op` (on the backend's device)."""
+    def _all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """All-reduce `t` in place with ReduceOp `op` (on the backend's device); `t` as is on one process."""
+        if not self.active:
+            return t
         import torch.distributed as dist
 
         buf = t.cuda() if self.backend == "nccl" and not t.is_cuda else t
-        self._collective(lambda: dist.all_reduce(buf, op=op))
+        self._collective(lambda: dist.all_reduce(buf, op=getattr(dist.ReduceOp, op)))
         if buf is not t:
             t.copy_(buf)
         return t
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return t
-        import torch.distributed as dist
-
-        return self._all_reduce(t, dist.ReduceOp.SUM)
+        return self._all_reduce(t, "SUM")
 
     def max_(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return t
-        import torch.distributed as dist
-
-        return self._all_reduce(t, dist.ReduceOp.MAX)
+        return self._all_reduce(t, "MAX")
 
     def min_(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.active:
-            return t
-        import torch.distributed as dist
-
-        return self._all_reduce(t, dist.ReduceOp.MIN)
+        return self._all_reduce(t, "MIN")
 
     def mean(self, value: float) -> float:
         """The mean of `value` over the ranks."""

@@ -163,6 +163,22 @@ class Adapter:
         return [name for name, mod in block.named_modules() if isinstance(mod, nn.Linear)]
 
 
+def _attention_pairs() -> list[LetPair]:
+    """The LET pairs of a pre-norm attention with separate q/k/v projections (llama, Mixtral, Gemma)."""
+    return [
+        LetPair("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+        LetPair("out", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+    ]
+
+
+def _gated_mlp_pairs(norm: str) -> list[LetPair]:
+    """The LET pairs of a gated MLP (gate_proj, up_proj, down_proj) that reads `norm`."""
+    return [
+        LetPair("gate_up", norm, ("mlp.gate_proj", "mlp.up_proj"), "norm"),
+        LetPair("down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
+    ]
+
+
 class LlamaAdapter(Adapter):
     """llama, mistral, qwen2 (q/k/v with biases), smollm: pre-norm RMSNorm blocks, RoPE, GQA."""
 
@@ -181,12 +197,7 @@ class LlamaAdapter(Adapter):
     rotation_problem = None
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
-        return [
-            LetPair("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
-            LetPair("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
-            LetPair("out", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-            LetPair("down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
-        ]
+        return [*_attention_pairs(), *_gated_mlp_pairs("post_attention_layernorm")]
 
 
 class Qwen3Adapter(LlamaAdapter):
@@ -226,10 +237,9 @@ class MixtralAdapter(LlamaAdapter):
         names = [f"{self.experts}.{e}" for e in range(len(experts))]
         ffn = experts[0].down_proj.in_features
         return [
-            LetPair("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+            *_attention_pairs(),
             LetPair("gate_up", "post_attention_layernorm", tuple(f"{e}.gate_up_proj" for e in names), "norm",
                     float_readers=(self.router,)),
-            LetPair("out", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
             *(LetPair(f"down_{i}", f"{e}.gate_up_proj", (f"{e}.down_proj",), "linear", (ffn, 2 * ffn))
               for i, e in enumerate(names)),
         ]
@@ -294,12 +304,7 @@ class Gemma2Adapter(Adapter):
                         "the residual stream; use calibration.rotation: none")
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
-        return [
-            LetPair("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
-            LetPair("gate_up", "pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "norm"),
-            LetPair("out", "self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-            LetPair("down", "mlp.up_proj", ("mlp.down_proj",), "linear"),
-        ]
+        return [*_attention_pairs(), *_gated_mlp_pairs("pre_feedforward_layernorm")]
 
 
 class Gemma3Adapter(Gemma2Adapter):

@@ -83,9 +83,8 @@ class ExpertLinears(nn.ModuleList):
         _check_fused_layout(fused)
         super().__init__(Expert(_linear(gate_up), _linear(down))
                          for gate_up, down in zip(fused.gate_up_proj, fused.down_proj, strict=True))
-        fused.gate_up_proj = None  # freed: the experts' linears hold the weights
-        fused.down_proj = None
         self._fused = (fused,)  # a tuple keeps nn.Module from registering it
+        self.release_fused()
         self.token_counts: list[int] | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -113,44 +112,39 @@ class ExpertLinears(nn.ModuleList):
                                        requires_grad=False)
         return fused
 
+    def release_fused(self) -> None:
+        """Free the fused module's 3-D parameters: the experts' linears hold the weights."""
+        self._fused[0].gate_up_proj = None
+        self._fused[0].down_proj = None
 
-def _fused_modules(model: nn.Module, experts_path: str) -> Iterator[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, module) of every module at `<block>.<experts_path>` that is not unfused yet."""
-    parent_path, _, child = experts_path.rpartition(".")
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted `name` of `model`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def unfuse_experts(model: nn.Module, experts_path: str) -> None:
+    """Replace every fused experts module (`<block>.<experts_path>`, e.g. `mlp.experts`) with
+    `ExpertLinears`, in place."""
     for name, module in list(model.named_modules()):
         if name.endswith(f".{experts_path}") and not isinstance(module, ExpertLinears):
-            parent = model.get_submodule(name[: -len(child) - 1]) if parent_path else model
-            yield parent, child, module
-
-
-def unfuse_experts(model: nn.Module, experts_path: str) -> int:
-    """Replace every fused experts module (`<block>.<experts_path>`, e.g. `mlp.experts`) with
-    `ExpertLinears`, in place; returns how many blocks had one."""
-    count = 0
-    for parent, child, module in _fused_modules(model, experts_path):
-        setattr(parent, child, ExpertLinears(module))
-        count += 1
-    return count
+            _replace(model, name, ExpertLinears(module))
 
 
 @contextmanager
 def fused_experts(model: nn.Module) -> Iterator[None]:
     """While active, every `ExpertLinears` of `model` is replaced by its fused module holding the current
     (e.g. dequantized) weights: what `save_pretrained` must see to write transformers' own layout."""
-    swapped = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, ExpertLinears):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.fused())
-            swapped.append((parent, child, module))
+    swapped = {name: module for name, module in model.named_modules() if isinstance(module, ExpertLinears)}
+    for name, module in swapped.items():
+        _replace(model, name, module.fused())
     try:
         yield
     finally:
-        for parent, child, module in swapped:
-            fused = getattr(parent, child)
-            fused.gate_up_proj = fused.down_proj = None
-            setattr(parent, child, module)
+        for name, module in swapped.items():
+            module.release_fused()
+            _replace(model, name, module)
 
 
 @contextmanager

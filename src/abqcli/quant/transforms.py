@@ -143,15 +143,10 @@ def _reduce_ranges(linears: dict[str, nn.Module], hi: dict[str, torch.Tensor], l
     """hi / lo of every linear maxed / minned over the ranks, in place (one all-reduce each, in the
     block's order); a linear that ran on no rank is left out."""
     for name, mod in linears.items():
-        k = mod.in_features
-        h = ranks.max_(hi.get(name, torch.full((k,), -torch.inf, device=_device_of(mod))).clone())
-        low = ranks.min_(lo.get(name, torch.full((k,), torch.inf, device=_device_of(mod))).clone())
+        unseen = torch.full((mod.in_features,), torch.inf, device=mod.weight.device)
+        h, low = ranks.max_(hi.get(name, -unseen)), ranks.min_(lo.get(name, unseen))
         if bool(torch.isfinite(h).any()):
             hi[name], lo[name] = h, low
-
-
-def _device_of(mod: nn.Module) -> torch.device:
-    return mod.weight.device
 
 
 # --------------------------------------------------------------------------------------------------
