@@ -135,14 +135,14 @@ def test_missing_file_refused(packed_copy):
 
 def test_newer_format_version_in_manifest_refused(packed_copy):
     manifest = json.loads((packed_copy / "abq.json").read_text())
-    manifest["format_version"] = 4
+    manifest["format_version"] = 5
     (packed_copy / "abq.json").write_text(json.dumps(manifest))
-    message = _one_line_error(packed_copy, "format_version 4")
-    assert "reads up to 3" in message and "upgrade abq" in message
+    message = _one_line_error(packed_copy, "format_version 5")
+    assert "reads up to 4" in message and "upgrade abq" in message
 
 
 def _rewrite_as_version(directory: Path, version: int) -> None:
-    """Turn a version-3 export into what abq wrote as `version` (1 or 2): float32 scales and zero
+    """Turn a version-4 export into what abq wrote as `version` (1 or 2): float32 scales and zero
     points, int32 code sums beside them; config.json and abq.json say `version`, sealed again."""
     from abqcli.btc.format import packed_weight_from_tensors
     from test_export_packed import write_sealed_manifest
@@ -191,7 +191,7 @@ def test_newer_format_version_in_config_refused(packed_copy):
     (packed_copy / "config.json").write_text(json.dumps(config))
     _one_line_error(packed_copy, "checksum mismatch")
     fix_checksum(packed_copy, "config.json")
-    _one_line_error(packed_copy, "config.json: btc-bitplane format_version 7; .* reads versions 1 to 3: upgrade abq")
+    _one_line_error(packed_copy, "config.json: btc-bitplane format_version 7; .* reads versions 1 to 4: upgrade abq")
 
 
 def test_wrong_quant_method_refused(packed_copy):
@@ -287,3 +287,23 @@ def test_round_trip_against_rtn_model_llama_w2star(packed_llama, tiny_llama, tmp
     reference = export_packed(tiny_llama, out, SCHEMES["w2*a8"][0], 8)
     model, _, _ = load_packed(out)
     assert_same_logits(model, reference, sample_ids(48, seed=3))
+
+
+def test_a_version_3_export_still_opens(packed_copy, packed_llama):
+    """Version 4 only adds sharding: a version-3 export (one model.safetensors) opens and runs the same."""
+    from abqcli.formats.abq_packed import load_packed
+    from test_export_packed import write_sealed_manifest
+
+    config = json.loads((packed_copy / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 3
+    (packed_copy / "config.json").write_text(json.dumps(config))
+    fix_checksum(packed_copy, "config.json")
+    manifest = json.loads((packed_copy / "abq.json").read_text())
+    manifest["format_version"] = 3
+    write_sealed_manifest(packed_copy, manifest)
+    old, _, old_manifest = load_packed(packed_copy)
+    new, _, _ = load_packed(packed_llama)
+    assert old_manifest["format_version"] == 3
+    ids = sample_ids()
+    with torch.no_grad():
+        assert torch.equal(old(ids).logits, new(ids).logits)

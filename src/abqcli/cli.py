@@ -256,6 +256,9 @@ def quantize_cmd(
     dist_timeout: Annotated[int, typer.Option(
         min=1, help="Under torchrun: seconds a process waits for the others at a synchronisation point before "
                     "it stops (a dead process must not hang the rest).")] = DEFAULT_TIMEOUT_S,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="RAM the activation caches may take (e.g. 8GB) before calibration.cache: auto keeps "
+                             "them in memory-mapped files under the output (default: half the RAM).")] = None,
 ) -> None:
     """Calibrate a model with ABQ (or RTN) per a recipe and write the requested formats.
 
@@ -265,23 +268,25 @@ def quantize_cmd(
     """
     from abqcli.distributed import DataParallel
     from abqcli.pipeline import QuantizeInterrupted, run_quantize
+    from abqcli.quant.cache import parse_size
     from abqcli.recipe import load_recipe
 
     _check_json_path(json_path)
+    memory_budget = parse_size(max_memory) if max_memory is not None else None
     if output is not None and not output.strip():
         raise InputError("--output is empty: give the output directory")
     resolved = load_recipe(recipe, [*sets, *([f"output.dir={output}"] if output is not None else [])])
     ranks = DataParallel.from_environment(resolved.calibration.device, dist_timeout)
     try:
         if ranks.rank != 0:
-            _quantize_other_rank(resolved, data_dir, overwrite, resume, ranks)
+            _quantize_other_rank(resolved, data_dir, overwrite, resume, ranks, memory_budget)
             return
         _print_quantize_header(resolved, ranks)
         try:
             with _progress() as progress:
                 summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress),
                                        lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
-                                       ranks)
+                                       ranks, memory_budget)
         except QuantizeInterrupted as exc:
             err.print(exc.advice, markup=False, highlight=False, soft_wrap=True)
             raise
@@ -304,14 +309,14 @@ def _print_quantize_header(recipe, ranks) -> None:
               + f"model {recipe.model.path} -> {recipe.output.dir}{processes}", markup=False, highlight=False)
 
 
-def _quantize_other_rank(recipe, data_dir, overwrite: bool, resume: bool, ranks) -> None:
+def _quantize_other_rank(recipe, data_dir, overwrite: bool, resume: bool, ranks, max_memory: int | None) -> None:
     """A rank other than 0: calibrate its share of the windows quietly (rank 0 shows the progress and
     writes the output); one line when it starts and when it is done."""
     from abqcli.pipeline import run_quantize
 
     err.print(f"abq quantize {ranks.label}: calibrating its share of the windows; rank 0 writes "
               f"{recipe.output.dir}", markup=False, highlight=False, soft_wrap=True)
-    done = run_quantize(recipe, data_dir, overwrite, resume, None, None, ranks)
+    done = run_quantize(recipe, data_dir, overwrite, resume, None, None, ranks, max_memory)
     if done:
         err.print(f"abq quantize {ranks.label}: done, {done['windows_per_process']} windows in {done['seconds']} s",
                   markup=False, highlight=False, soft_wrap=True)

@@ -25,3 +25,9 @@ class RunError(AbqError):
     """Something failed while running (non-finite loss, verification mismatch)."""
 
     exit_code = EXIT_RUNTIME
+
+
+def name_list(names: list[str], shown: int = 5) -> str:
+    """`a, b, c` or `a, b, c, d, e and 7 more`: a bounded list of names for a one-line message."""
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")

@@ -41,10 +41,10 @@ from abqcli.outputs import (
     resolve_output,
     write_marker,
 )
-from abqcli.quant.calibrate import CalibrationResult, Calibrator, Progress
+from abqcli.quant.calibrate import BlockSource, CalibrationResult, Calibrator, Progress
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
-from abqcli.recipe_checks import check_loss_terms, check_recipe_fits, check_rounding
+from abqcli.recipe_checks import check_blockwise, check_loss_terms, check_recipe_fits, check_rounding
 from abqcli.registry import FORMATS, METHODS
 
 QUANT_LOG = "quant_log.json"
@@ -65,6 +65,28 @@ class OutputPlan:
     action: str
     checkpointed: int = 0
     checkpoint_processes: int = 1
+
+
+class StreamedBlocks(BlockSource):
+    """`model.loading: blockwise`: each block read from the checkpoint when the loop reaches it
+    (`abqcli.models.blockwise`), written into its abq-packed shard once quantized (`PackedShards`, rank 0
+    only: `shards` None on the others), then dropped; no integer state is kept."""
+
+    keeps_states = False
+
+    def __init__(self, weights, shards):
+        self.weights, self.shards = weights, shards
+
+    def state_items(self, model):
+        return self.weights.state_items()
+
+    def load(self, index, block) -> None:
+        self.weights.materialize(index, block)
+
+    def finish(self, index, block, states, layers) -> None:
+        if self.shards is not None:
+            self.shards.write_block(index, block, layers, states)
+        self.weights.release(block)
 
 
 class QuantizeInterrupted(KeyboardInterrupt):
@@ -176,12 +198,9 @@ def model_sha256(source) -> str:
     if source.origin or source.gguf_file:
         files = [Path(source.origin or Path(source.directory) / source.gguf_file)]
     else:
-        directory = Path(source.directory)
-        if not directory.is_dir():  # a hub id: its snapshot folder in the local cache
-            from huggingface_hub import try_to_load_from_cache
+        from abqcli.models.loading import local_directory
 
-            directory = Path(try_to_load_from_cache(source.directory, "config.json")).parent
-        files = sorted(p for p in directory.iterdir() if p.name == "config.json"
+        files = sorted(p for p in local_directory(source).iterdir() if p.name == "config.json"
                        or p.suffix in (".safetensors", ".bin"))
     digest = hashlib.sha256()
     for file in files:
@@ -212,7 +231,7 @@ def build_provenance(recipe: Recipe, source, text, fingerprint: str) -> dict:
 
 def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = False, resume: bool = False,
                  progress: Progress | None = None, notify: Callable[[str], None] | None = None,
-                 ranks: DataParallel | None = None) -> dict:
+                 ranks: DataParallel | None = None, max_memory: int | None = None) -> dict:
     """Calibrate per the recipe and write every requested format; returns the summary (also in quant_log).
 
     Before the model loads, the output is resolved and checked, its parent created and its lock taken (one
@@ -221,11 +240,13 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     its quant_log is the summary), or resumes a checkpoint written by another number of processes.
     Ctrl-C is re-raised as QuantizeInterrupted. `ranks`: this process's place in a data-parallel run
     (`abqcli.distributed`): rank 0 owns the output and tells the others the plan; the others calibrate
-    their share of the windows and return a short summary."""
+    their share of the windows and return a short summary. `max_memory`: the bytes the activation caches
+    may take in RAM before `calibration.cache: auto` maps them to disk (`abqcli.quant.cache`)."""
     ranks = ranks or DataParallel.single()
     out_dir = resolve_output(Path(recipe.output.dir), model_inputs(recipe.model.path))
     check_loss_terms(recipe)
     check_rounding(recipe)
+    check_blockwise(recipe)
     resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output is touched
     notify = notify or (lambda line: None)
     counting = _CountingProgress(progress or Progress())
@@ -242,7 +263,8 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
                 notify(f"the checkpoint was written by {plan.checkpoint_processes} process(es), this run has "
                        f"{ranks.world}: its {plan.checkpointed} block(s) are re-run from their saved state and "
                        "their outputs recorded anew (equal up to float rounding, so not compared byte for byte)")
-            return _calibrate_and_export(recipe, out_dir, data_dir, plan.action == RESUME, counting, ranks)
+            return _calibrate_and_export(recipe, out_dir, data_dir, plan.action == RESUME, counting, ranks,
+                                         max_memory)
     except KeyboardInterrupt as exc:
         raise QuantizeInterrupted(Path(recipe.output.dir) / CHECKPOINT_DIR, counting.blocks) from exc
 
@@ -280,20 +302,17 @@ def _open_output(out_dir: Path, recipe_yaml: str) -> None:
 
 
 def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, resume: bool,
-                          progress: Progress, ranks: DataParallel) -> dict:
+                          progress: Progress, ranks: DataParallel, max_memory: int | None) -> dict:
     """The run itself, in its checked and locked output `out_dir`: load, calibrate (checkpoint in
     out_dir/checkpoint), then assemble the whole new output in a temporary sibling and swap it in
     (rank 0; another rank returns once its share is calibrated)."""
-    from abqcli.evaluate import check_seqlen
     from abqcli.models.adapters import adapter_for
-    from abqcli.models.loading import load_model
     from abqcli.quant.fakequant import set_kv_quant
     from abqcli.quant.rotations import rotate_model
 
     cal = recipe.calibration
     device = torch.device(ranks.device(resolve_device(cal.device, "calibration.device")))
-    model, tokenizer, source = load_model(recipe.model.path, recipe.model.dtype, "cpu",
-                                          lambda cfg: check_seqlen(cal.seqlen, cfg))
+    model, tokenizer, source, blocks = _load(recipe, out_dir, ranks)
     adapter = adapter_for(model)
     check_recipe_fits(recipe, model, adapter)
     windows, text = calibration_windows(recipe, tokenizer, data_dir)
@@ -304,8 +323,9 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None,
                             recipe.kv_bits)
     set_kv_quant(model, adapter, 16, rotation.kv_transform)  # blocks run through abq's attention; FP until calibrated
+    cache = _activation_cache(recipe, model, len(windows) // ranks.world, max_memory, out_dir / CHECKPOINT_DIR)
     calibrator = Calibrator(model, adapter, recipe, windows, out_dir / CHECKPOINT_DIR, device, progress,
-                            rotation.layer_quant(recipe.layer_quant), ranks)
+                            rotation.layer_quant(recipe.layer_quant), ranks, blocks, cache)
     result: CalibrationResult = calibrator.run(resume=resume)
     processes = {"world_size": ranks.world, "backend": ranks.backend or None,
                  "windows_per_process": len(calibrator.local)}
@@ -317,16 +337,19 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     with replacing(out_dir) as stage:  # the previous output (and the checkpoint) go once this is complete
         write_marker(stage, MARKER_KIND)
         (stage / RECIPE_YAML).write_text(recipe_yaml)
-        outputs = _write_formats(stage, recipe, model, tokenizer, recipe_yaml, result, provenance,
-                                 rotation.kv_transform)
+        export = ExportInput(model, tokenizer, recipe_yaml, result.kv_bits, result.layers, result.quantized,
+                             provenance, rotation.kv_transform, getattr(blocks, "shards", None))
+        outputs = _write_formats(stage, recipe, export)
         summary = {
             "scheme": describe(recipe),
             "method": cal.method,
             "rounding": provenance["rounding"],
             "rotation": provenance["rotation"]["kind"],
-            "quantized_linears": len(result.quantized),
+            "quantized_linears": len(result.layers),
             **expert_summary(result, adapter),
             "processes": processes,
+            "loading": recipe.model.loading,
+            "activation_cache": {"place": cache.place, "dtype": str(cache.dtype).removeprefix("torch.")},
             "outputs": outputs,
             "seconds": round(time.perf_counter() - start, 2),
             "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),
@@ -337,12 +360,38 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     return summary
 
 
+def _load(recipe: Recipe, out_dir: Path, ranks: DataParallel):
+    """(model, tokenizer, source, block source): the whole model (block source None: the default), or
+    with `model.loading: blockwise` its skeleton and the `StreamedBlocks` that load and write each block."""
+    from abqcli.evaluate import check_seqlen
+    from abqcli.formats.abq_packed import PackedShards
+    from abqcli.models.loading import load_model, load_model_blockwise
+
+    check = lambda cfg: check_seqlen(recipe.calibration.seqlen, cfg)
+    if recipe.model.loading != "blockwise":
+        return (*load_model(recipe.model.path, recipe.model.dtype, "cpu", check), None)
+    model, tokenizer, source, weights = load_model_blockwise(recipe.model.path, recipe.model.dtype, check)
+    shards = PackedShards(out_dir / CHECKPOINT_DIR, weights.block_prefixes) if ranks.rank == 0 else None
+    return model, tokenizer, source, StreamedBlocks(weights, shards)
+
+
+def _activation_cache(recipe: Recipe, model, windows: int, max_memory: int | None, directory: Path):
+    """The run's activation cache (`calibration.cache`, `calibration.cache_dtype`)."""
+    from abqcli.models.loading import torch_dtype
+    from abqcli.quant.cache import cache_bytes, choose_cache
+
+    cal = recipe.calibration
+    dtype = torch.float32 if cal.cache_dtype == "float32" else torch_dtype(recipe.model.dtype)
+    hidden = model.get_input_embeddings().embedding_dim
+    return choose_cache(cal.cache, dtype, cache_bytes(windows, cal.seqlen, hidden, dtype), max_memory, directory)
+
+
 def expert_summary(result: CalibrationResult, adapter) -> dict:
     """For a MoE model: how many quantized linears are experts', and the experts (full names) the FP
     model routed no calibration token to, which were rounded to nearest (RTN). Empty for a dense model."""
     from abqcli.models.experts import expert_index
 
-    experts = sum(expert_index(name) is not None for name in result.quantized)
+    experts = sum(expert_index(name) is not None for name in result.layers)
     if not experts:
         return {}
     unrouted = [f"{adapter.block_prefix(log.block)}.{module}.{e}" for log in result.log
@@ -350,12 +399,9 @@ def expert_summary(result: CalibrationResult, adapter) -> dict:
     return {"expert_linears": experts, "experts_without_tokens_rtn": unrouted}
 
 
-def _write_formats(stage: Path, recipe: Recipe, model, tokenizer, recipe_yaml: str, result: CalibrationResult,
-                   provenance: dict, kv_transform: str | None) -> dict[str, str]:
+def _write_formats(stage: Path, recipe: Recipe, export: ExportInput) -> dict[str, str]:
     """Each requested format into `stage`, in the recipe's order; returns format -> its path in the final
     output."""
-    export = ExportInput(model, tokenizer, recipe_yaml, result.kv_bits, result.layers, result.quantized,
-                         provenance, kv_transform)
     outputs = {}
     for fmt in recipe.output.formats:
         outputs[fmt] = str(Path(recipe.output.dir) / fmt)

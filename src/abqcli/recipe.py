@@ -91,6 +91,11 @@ DTYPES = ("float32", "float16", "bfloat16")
 SCALE_DTYPES = ("float16", "float32")  # the precision a weight scale is computed in and stored with
 ROUNDINGS = ("nearest", "gptq", "learned")  # calibration.rounding: how a (folded) weight becomes codes
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+LOADINGS = ("full", "blockwise")  # model.loading
+# calibration.cache: the activation caches in RAM, in memory-mapped files under the output, or on disk
+# when they exceed the memory budget (--max-memory); calibration.cache_dtype: the model's dtype or float32
+CACHE_PLACES = ("auto", "memory", "disk")
+CACHE_DTYPES = ("model", "float32")
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 W_BITS_MIN, W_BITS_MAX = 1, 8
@@ -292,10 +297,14 @@ _SECTION = ConfigDict(extra="forbid", frozen=True)
 
 @dataclass(config=_SECTION)
 class ModelSpec:
-    """The model to quantize: an HF directory, a cached hub id, a GGUF file or `smollm2-135m`."""
+    """The model to quantize: an HF directory, a cached hub id, a GGUF file or `smollm2-135m`.
+    `loading`: `full` loads every weight before calibrating; `blockwise` builds the model without its
+    decoder blocks' weights and reads each block from the checkpoint's safetensors when the loop
+    reaches it (`abqcli.models.blockwise`: memory bounded by one block, for models bigger than RAM)."""
 
     path: Name = "smollm2-135m"
     dtype: _choice(DTYPES) = "float32"
+    loading: _choice(LOADINGS) = "full"
 
 
 @dataclass(config=_SECTION)
@@ -434,6 +443,8 @@ class CalibrationSpec:
     learned: LearnedRoundingSpec = Field(default_factory=LearnedRoundingSpec)
     device: Annotated[str, Strict(), _check(DEVICE_RE.fullmatch),
                       _expect(f"one of: {', '.join(DEVICE_CHOICES)}")] = "auto"
+    cache: _choice(CACHE_PLACES) = "auto"  # where the activation caches live (abqcli.quant.cache)
+    cache_dtype: _choice(CACHE_DTYPES) = "model"
 
 
 @dataclass(config=_SECTION)

@@ -35,6 +35,20 @@ def check_rounding(recipe: Recipe) -> None:
                          f"use calibration.method: {' or '.join(trains)} for {rounding} rounding")
 
 
+def check_blockwise(recipe: Recipe) -> None:
+    """`model.loading: blockwise` streams the model's blocks in and the abq-packed export out, block by
+    block: what needs the whole model at once is refused (a rotation, the other formats)."""
+    if recipe.model.loading != "blockwise":
+        return
+    if recipe.calibration.rotation != "none":
+        raise InputError(f"calibration.rotation {recipe.calibration.rotation} rotates the whole model at once: "
+                         "not with model.loading: blockwise (use model.loading: full)")
+    others = [fmt for fmt in recipe.output.formats if fmt != "abq-packed"]
+    if others:
+        raise InputError(f"model.loading: blockwise writes abq-packed only, block by block; output.formats "
+                         f"also lists {', '.join(others)} (use model.loading: full for them)")
+
+
 def quantized_linears(recipe: Recipe, model, adapter) -> dict[str, tuple[LayerQuant, int]]:
     """Every block linear the recipe quantizes: full name -> (its quantization, its input size)."""
     linears = {}

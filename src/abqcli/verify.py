@@ -401,13 +401,14 @@ def inspect_export(directory) -> dict:
     against fp16 of the same layers, how many of the layers are MoE experts', and the file sizes."""
     from abqcli.btc.format import BTC_SUFFIXES, num_planes, tensor_names
     from abqcli.formats import describe_layers
-    from abqcli.formats.abq_packed import PACKED_WEIGHTS, read_packed_export, storage_bits
+    from abqcli.formats.abq_packed import packed_weight_files, read_packed_export, storage_bits
     from abqcli.formats.manifest import resolve_output_dir
     from abqcli.models.experts import expert_index
     from abqcli.quant.quantizer import qmax_for
 
     export = read_packed_export(resolve_output_dir(directory))
-    header = _header(export.directory / PACKED_WEIGHTS)
+    weight_files = packed_weight_files(export.directory)
+    header = {name: entry for file in weight_files for name, entry in _header(file).items()}
     layers = {}
     tot = {"weights": 0, "plane_bits": 0, "bytes": dict.fromkeys(tensor_names("", export.version), 0)}
     for name, meta in sorted(export.modules.items()):
@@ -452,7 +453,7 @@ def inspect_export(directory) -> dict:
             "fp16_bytes_same_layers": weights * 2,
             "size_vs_fp16": quant_bytes / (weights * 2) if weights else 0.0,
             "unquantized_tensor_bytes": other_bytes,
-            "model_file_bytes": files.get(PACKED_WEIGHTS, 0),
+            "model_file_bytes": sum(files.get(file.name, 0) for file in weight_files),
             "directory_bytes": sum(files.values()),
         },
         "files": files,

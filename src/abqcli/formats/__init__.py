@@ -40,7 +40,9 @@ class ExportInput:
     """What a format writes: the model (its quantized linears' weights already folded), its tokenizer,
     the resolved recipe text, the kv bits, and per quantized linear (full module name) its scheme and
     integer state; `provenance` is recorded as it is in abq.json; `kv_transform`: the online transform
-    of q and k before their quantizer (a rotated model with quantized kv), None for none."""
+    of q and k before their quantizer (a rotated model with quantized kv), None for none; `shards`: a
+    blockwise run's `abq_packed.PackedShards`, which already holds every decoder block (the model's
+    blocks are then not loaded, and `quantized` is empty): only abq-packed takes it."""
 
     model: nn.Module
     tokenizer: Any
@@ -50,6 +52,7 @@ class ExportInput:
     quantized: dict[str, QuantizedWeight]
     provenance: dict
     kv_transform: str | None = None
+    shards: Any = None
 
 
 class OutputFormat(Protocol):

@@ -67,6 +67,7 @@ from abqcli.registry import FORMATS
 from abqcli.runtime import BTCLinear, require_backend
 
 PACKED_WEIGHTS = "model.safetensors"
+PACKED_INDEX = "model.safetensors.index.json"  # a sharded export (format_version 4): tensor -> shard
 TENSOR_FORMAT = "btc-bitplane"
 PACKED, TWIN = "packed", "fakequant"  # what `build` puts in place of each quantized linear
 
@@ -90,27 +91,32 @@ class AbqPacked:
         return None
 
     def required_files(self, directory: Path) -> list[str]:
-        return [CONFIG_JSON, PACKED_WEIGHTS]
+        """config.json and model.safetensors, or (sharded) the index and every shard it names."""
+        if not (Path(directory) / PACKED_INDEX).is_file():
+            return [CONFIG_JSON, PACKED_WEIGHTS]
+        return [CONFIG_JSON, PACKED_INDEX, *sorted(set(_weight_map(Path(directory)).values()))]
 
     def write(self, target: Path, export: ExportInput, overwrite: bool = True) -> None:
         """The directory, written atomically. `export.layers` / `export.quantized` are keyed by full
         module name; the model's `<name>.weight` of those modules is replaced by the BTC tensors packed
         from `export.quantized[name]` (the model's own weights are not used for them); every other
-        tensor of the state dict is written as it is, tied tensors once."""
-        packed = _packed_weights(export.layers, export.quantized)
-        write_dir_atomically(Path(target), lambda tmp: self._fill(tmp, export, packed), overwrite)
+        tensor of the state dict is written as it is, tied tensors once. With `export.shards` (a
+        `PackedShards` that wrote each decoder block as it was calibrated) the blocks' shards are moved
+        in and the rest of the model is written as the last shard."""
+        if export.shards is None:
+            part = packed_part(export.model.state_dict(), export.layers, export.quantized)
+        else:
+            part = None
+        write_dir_atomically(Path(target), lambda tmp: self._fill(tmp, export, part), overwrite)
 
-    def _fill(self, tmp: Path, export: ExportInput, packed: dict[str, PackedWeight]) -> None:
+    def _fill(self, tmp: Path, export: ExportInput, part: PackedPart | None) -> None:
         model = export.model
-        tensors, tied = _unquantized_tensors(model, set(packed))
-        written = {name: packed_weight_to_tensors(name, pw) for name, pw in packed.items()}
-        for layer_tensors in written.values():
-            tensors.update(layer_tensors)
-        # one metadata key: safetensors writes its metadata map in a per-process random order, so more
-        # keys would make two identical exports differ in bytes (config.json holds the format facts)
-        save_file(tensors, str(tmp / PACKED_WEIGHTS), metadata={"format": "pt"})
+        if part is None:
+            part = export.shards.finish(tmp, model)
+        else:
+            save_tensors(part.tensors, tmp / PACKED_WEIGHTS)
         config = _model_config_dict(model, tmp)
-        config["quantization_config"] = _quantization_config(packed, export.layers, export.kv_bits, tied,
+        config["quantization_config"] = _quantization_config(part.modules, export.kv_bits, part.tied,
                                                              export.kv_transform)
         (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation_config = getattr(model, "generation_config", None)
@@ -121,11 +127,9 @@ class AbqPacked:
                 pass
         export.tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_YAML).write_text(export.recipe_yaml)
-        shutil.copymode(tmp / RECIPE_YAML, tmp / PACKED_WEIGHTS)  # safetensors creates it 0600
-        meta = layer_meta(export.layers, export.quantized)
-        for name, pw in packed.items():
-            meta[name].update(packed_layer_stats(name, pw, written[name]))
-        manifest = base_manifest(self, export.kv_bits, meta, export.provenance, export.kv_transform)
+        for weights in tmp.glob("*.safetensors"):
+            shutil.copymode(tmp / RECIPE_YAML, weights)  # safetensors creates it 0600
+        manifest = base_manifest(self, export.kv_bits, part.layers, export.provenance, export.kv_transform)
         manifest["tensor_format"] = TENSOR_FORMAT
         write_manifest(tmp, manifest)
 
@@ -140,6 +144,93 @@ ABQ_PACKED = AbqPacked()
 
 
 # ------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class PackedPart:
+    """The packed form of (part of) a model: its tensors (BTC tensors of the quantized linears, the rest
+    as they are, tied ones once), the tied aliases, each quantized linear's quantization_config.modules
+    entry and its abq.json layer entry."""
+
+    tensors: dict[str, torch.Tensor]
+    tied: dict[str, str]
+    modules: dict[str, dict]
+    layers: dict[str, dict]
+
+
+def packed_part(state: dict[str, torch.Tensor], layers: dict[str, LayerQuant],
+                quantized: dict[str, QuantizedWeight]) -> PackedPart:
+    """`state` (state-dict tensors by full name) packed: the linears of `layers` from their integer states."""
+    packed = _packed_weights(layers, quantized)
+    tensors, tied = _unquantized_tensors(state, set(packed))
+    written = {name: packed_weight_to_tensors(name, pw) for name, pw in packed.items()}
+    for layer_tensors in written.values():
+        tensors.update(layer_tensors)
+    meta = layer_meta(layers, quantized)
+    for name, pw in packed.items():
+        meta[name].update(packed_layer_stats(name, pw, written[name]))
+    return PackedPart(tensors, tied, {name: _module_meta(pw, layers[name]) for name, pw in packed.items()}, meta)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # one metadata key: safetensors writes its metadata map in a per-process random order, so more
+    # keys would make two identical exports differ in bytes (config.json holds the format facts)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def shard_name(index: int, count: int) -> str:
+    """The file name of shard `index` (from 0) of `count`, as transformers names them."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+class PackedShards:
+    """An abq-packed export written as the calibration loop goes (`model.loading: blockwise`): shard i
+    holds decoder block i (`write_block`, into `directory` until the export is assembled), the last
+    shard everything outside the blocks, and `model.safetensors.index.json` maps every tensor to its
+    shard (`finish`). Nothing of a block stays in memory once its shard is written."""
+
+    def __init__(self, directory: Path, block_prefixes: list[str]):
+        self.directory, self.block_prefixes = directory, block_prefixes
+        self.count = len(block_prefixes) + 1
+        self.modules: dict[str, dict] = {}
+        self.layers: dict[str, dict] = {}
+        self.names: dict[int, list[str]] = {}
+
+    def _shard(self, index: int) -> Path:
+        return self.directory / f"packed-{shard_name(index, self.count)}"
+
+    def write_block(self, index: int, block: nn.Module, layers: dict[str, LayerQuant],
+                    quantized: dict[str, QuantizedWeight]) -> None:
+        """Block `index` (folded, in the model dtype) with its linears' schemes and integer states."""
+        prefix = self.block_prefixes[index]
+        part = packed_part({f"{prefix}.{k}": v for k, v in block.state_dict().items()}, layers, quantized)
+        if part.tied:
+            raise InputError(f"block {index} shares tensors ({', '.join(part.tied)}): cannot be written as a shard")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(part.tensors, self._shard(index))
+        self.modules.update(part.modules)
+        self.layers.update(part.layers)
+        self.names[index] = sorted(part.tensors)
+
+    def finish(self, tmp: Path, model: nn.Module) -> PackedPart:
+        """Move every block's shard into `tmp`, write the rest of `model` (its blocks are not read) as the
+        last shard and the index; the whole export's modules, layers and tied aliases."""
+        missing = [i for i in range(self.count - 1) if i not in self.names]
+        if missing:
+            raise InputError(f"blocks {missing} were never written: cannot assemble the export")
+        rest = {name: t for name, t in model.state_dict().items()
+                if not any(name.startswith(prefix + ".") for prefix in self.block_prefixes)}
+        part = packed_part(rest, {}, {})
+        last = self.count - 1
+        save_tensors(part.tensors, tmp / shard_name(last, self.count))
+        weight_map = {name: shard_name(last, self.count) for name in part.tensors}
+        for index, names in self.names.items():
+            self._shard(index).replace(tmp / shard_name(index, self.count))
+            weight_map.update({name: shard_name(index, self.count) for name in names})
+        total = sum(file.stat().st_size for file in tmp.glob("*.safetensors"))
+        index_json = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / PACKED_INDEX).write_text(json.dumps(index_json, indent=2) + "\n")
+        return PackedPart({}, part.tied, dict(sorted(self.modules.items())), dict(sorted(self.layers.items())))
 
 
 def _packed_weights(layers: dict[str, LayerQuant], quantized: dict[str, QuantizedWeight]) -> dict[str, PackedWeight]:
@@ -159,15 +250,15 @@ def _packed_weights(layers: dict[str, LayerQuant], quantized: dict[str, Quantize
     return packed
 
 
-def _quantization_config(packed: dict[str, PackedWeight], layers: dict[str, LayerQuant], kv_bits: int,
-                         tied: dict[str, str], kv_transform: str | None) -> dict:
+def _quantization_config(modules: dict[str, dict], kv_bits: int, tied: dict[str, str],
+                         kv_transform: str | None) -> dict:
     """config.json's quantization_config, what the runtime builds the model from."""
     config = {
         "quant_method": QUANT_METHOD,
         "format": TENSOR_FORMAT,
         "format_version": FORMAT_VERSION,
         "kv_bits": kv_bits,
-        "modules": {name: _module_meta(pw, layers[name]) for name, pw in packed.items()},
+        "modules": modules,
         "tied_tensors": tied,
     }
     if kv_transform:
@@ -232,9 +323,10 @@ def _check_packable(name: str, pw: PackedWeight, act_bits: int) -> None:
         raise InputError(f"{name}: cannot pack for the BTC GEMM: {exc}") from exc
 
 
-def _unquantized_tensors(model: nn.Module, quantized: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every state-dict tensor outside the `quantized` linears (whose `.bias` alone is kept), on the CPU,
-    each storage saved once.
+def _unquantized_tensors(state: dict[str, torch.Tensor], quantized: set[str]) -> tuple[dict[str, torch.Tensor],
+                                                                                       dict[str, str]]:
+    """Every tensor of `state` (a state dict) outside the `quantized` linears (whose `.bias` alone is
+    kept), on the CPU, each storage saved once.
 
     Returns (tensors, tied): a tensor that is the very same view as one already kept (tied embeddings:
     `lm_head.weight` is `embed_tokens.weight`) is left out and recorded as tied[name] = kept name;
@@ -244,7 +336,7 @@ def _unquantized_tensors(model: nn.Module, quantized: set[str]) -> tuple[dict[st
     tied: dict[str, str] = {}
     seen_views: dict[tuple, str] = {}
     seen_storages: set[tuple] = set()
-    for name, t in model.state_dict(keep_vars=False).items():
+    for name, t in state.items():
         owner, _, leaf = name.rpartition(".")
         if owner in quantized and leaf != "bias":  # the weight (and anything a wrapper may hold)
             continue
@@ -463,7 +555,7 @@ def _replace_quantized(model: nn.Module, export: PackedExport, tensors: dict[str
 def _load_unquantized(model: nn.Module, export: PackedExport, tensors: dict[str, torch.Tensor],
                       replaced: set[str]) -> None:
     """Load every tensor but the BTC ones (tied aliases restored); refuse a missing or foreign one."""
-    from abqcli.models.loading import name_list
+    from abqcli.errors import name_list
 
     rest = {k: v for k, v in tensors.items() if not k.endswith(BTC_SUFFIXES)}
     for alias, source in export.tied.items():
@@ -480,13 +572,47 @@ def _load_unquantized(model: nn.Module, export: PackedExport, tensors: dict[str,
         model.tie_weights()
 
 
+def _weight_map(directory: Path) -> dict[str, str]:
+    """A sharded export's index: tensor name -> shard file name (a plain file name of the directory)."""
+    index = read_json(directory / PACKED_INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v.endswith(".safetensors") and Path(v).name == v for v in weight_map.values()):
+        raise InputError(f"{directory / PACKED_INDEX} has no valid weight_map (tensor name -> shard file name)")
+    return weight_map
+
+
+def packed_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of an export: model.safetensors, or the shards its index names."""
+    if not (directory / PACKED_INDEX).is_file():
+        return [directory / PACKED_WEIGHTS]
+    return [directory / shard for shard in sorted(set(_weight_map(directory).values()))]
+
+
+def load_packed_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an export; a sharded one's shards must hold exactly the tensors its index maps to them."""
+    from abqcli.models.loading import load_tensors
+
+    if not (directory / PACKED_INDEX).is_file():
+        return load_tensors(directory / PACKED_WEIGHTS)
+    weight_map, tensors = _weight_map(directory), {}
+    for file in packed_weight_files(directory):
+        shard = load_tensors(file)
+        listed = {name for name, where in weight_map.items() if where == file.name}
+        if set(shard) != listed:
+            odd = min(set(shard) ^ listed)
+            raise InputError(f"{file} and {PACKED_INDEX} disagree: {odd} is "
+                             f"{'in the shard only' if odd in shard else 'listed but not in the shard'}")
+        tensors.update(shard)
+    return tensors
+
+
 def build(directory: str | Path, dtype: str, device: str, backend: str, mode: str, verify: bool = True):
     """(model, tokenizer, export): the packed model (mode PACKED, its linears on `backend`) or its
     fake-quant twin (TWIN). The caller checks that `backend` can run here (`require_backend`)."""
     from abqcli.models.loading import (
         ModelSource,
         check_tokenizer_files,
-        load_tensors,
         load_tokenizer,
         torch_dtype,
     )
@@ -496,7 +622,7 @@ def build(directory: str | Path, dtype: str, device: str, backend: str, mode: st
     export = read_packed_export(resolve_output_dir(directory), verify=verify)
     directory = export.directory
     check_tokenizer_files(str(directory), directory)
-    tensors = load_tensors(directory / PACKED_WEIGHTS)
+    tensors = load_packed_tensors(directory)
     model, adapter = _instantiate(export, dt)
     replaced = _replace_quantized(model, export, tensors, mode, backend, dt)
     _load_unquantized(model, export, tensors, replaced)

@@ -51,7 +51,7 @@ def stored_bits(spec: WeightQuantSpec) -> int:
 def group_size_problem(in_features: dict[str, int], layers: dict[str, LayerQuant]) -> str | None:
     """compressed-tensors needs each group size to divide its layer's input size (abq allows a partial
     last group); the message names the layers and the group sizes that divide every layer's input."""
-    from abqcli.models.loading import name_list
+    from abqcli.errors import name_list
 
     bad = [name for name, quant in layers.items()
            if quant.weight.group_size and in_features[name] % quant.weight.group_size]

@@ -16,6 +16,7 @@ from torch import nn
 
 from abqcli.errors import InputError
 from abqcli.models.experts import ExpertLinears, unfuse_experts
+from abqcli.quant.cache import ActivationCache
 
 
 @dataclass(frozen=True)
@@ -116,43 +117,51 @@ class Adapter:
         """Names (relative to the block) of its modules that match one of the fnmatch `patterns`."""
         return [name for name, _ in block.named_modules() if any(fnmatch(name, p) for p in patterns)]
 
-    def capture_block_inputs(self, model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-        """The first block's input hidden states for every window, [n, T, H] on the CPU, and per block the
-        keyword arguments the model passes to it (position embeddings, attention mask), on the CPU.
+    def capture_block_inputs(self, model: nn.Module, windows: torch.Tensor,
+                             cache: ActivationCache | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """The first block's input hidden states for every window, [n, T, H] in a `cache` tensor (default:
+        float32 in RAM), and per block the keyword arguments the model passes to it (position
+        embeddings, attention mask), on the CPU.
 
-        The keyword arguments come from one full forward of the first window, block by block: layers may
-        differ (a sliding-window layer gets another mask than a full-attention one), and every window
-        has the same length, so they hold for every window. The other windows stop at the first block."""
+        The model runs with every block passing its input through unchanged (no block weight is read:
+        they may not be loaded yet, `abqcli.models.blockwise`): what a block is given besides its hidden
+        states does not depend on them. The keyword arguments come from the first window, block by
+        block, as layers may differ (a sliding-window layer gets another mask than a full-attention
+        one) and every window has the same length; the other windows stop at the first block."""
         blocks = self.blocks(model)
-        hidden: list[torch.Tensor] = []
+        hidden: torch.Tensor | None = None
         per_block: list[dict] = [{} for _ in blocks]
 
-        def first_block(_module, args, kwargs):
-            hidden.append((args[0] if args else kwargs["hidden_states"]).detach().cpu())
-            if len(hidden) > 1:
-                raise _StopForward
-
-        def keep_kwargs(index: int):
-            def hook(_module, _args, kwargs):
+        def passthrough(index: int):
+            def forward(*args, **kwargs):
+                nonlocal hidden
+                states = args[0] if args else kwargs["hidden_states"]
+                if index == 0:
+                    if hidden is None:
+                        hidden = (cache or ActivationCache()).empty((len(windows), *states.shape[1:]))
+                    hidden[window_index] = states[0].detach()
                 if not per_block[index]:
                     per_block[index].update({k: v for k, v in kwargs.items()
                                              if k not in ("hidden_states", "cache", "use_cache", "past_key_values")})
-            return hook
+                if index == len(blocks) - 1 or all(per_block):
+                    raise _StopForward
+                return states
+            return forward
 
-        handles = [blocks[0].register_forward_pre_hook(first_block, with_kwargs=True)]
-        handles += [block.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, block in enumerate(blocks)]
-        device = next(model.parameters()).device
+        for i, block in enumerate(blocks):
+            block.forward = passthrough(i)
+        device = next(model.get_input_embeddings().parameters()).device
         try:
             with torch.no_grad():
-                for window in windows:
+                for window_index, window in enumerate(windows):
                     try:
                         model(window.unsqueeze(0).to(device), use_cache=False)
                     except _StopForward:
                         pass
         finally:
-            for handle in handles:
-                handle.remove()
-        return torch.cat(hidden), [send_to_device(kwargs, "cpu") for kwargs in per_block]
+            for block in blocks:
+                del block.forward  # the class's forward again
+        return hidden, [send_to_device(kwargs, "cpu") for kwargs in per_block]
 
     def let_pairs(self, block: nn.Module) -> list[LetPair]:
         raise NotImplementedError

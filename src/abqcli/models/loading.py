@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from abqcli.errors import InputError
+from abqcli.errors import InputError, name_list
 
 CACHE_ENV = "ABQ_CACHE_DIR"
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -76,6 +76,16 @@ def resolve_model(name: str) -> ModelSource:
         f"model not found: {name} (expected a model directory, a .gguf file, a hub id already in the local "
         f"cache, or '{SMOLLM2_ALIAS}')"
     )
+
+
+def local_directory(source: ModelSource) -> Path:
+    """The folder of a model directory source: its own path, or a cached hub id's snapshot folder."""
+    directory = Path(source.directory)
+    if not directory.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        directory = Path(try_to_load_from_cache(source.directory, "config.json")).parent
+    return directory
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
@@ -163,18 +173,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_con
     experts as one linear pair each).
     `as_fakequant`: the caller has verified the directory's hf-fakequant manifest and opens its checkpoint.
     """
-    from abqcli.models.adapters import adapter_for_config
-
-    source = resolve_model(name)
-    local = Path(source.directory) if source.gguf_file is None and Path(source.directory).is_dir() else None
-    config_json = read_config_json(local) if local is not None else {}
-    config = load_config(source)
-    adapter = adapter_for_config(config) if for_quantization else None
-    if check_config is not None:
-        check_config(config)
-    if local is not None:
-        check_model_files(name, local, config_json, as_fakequant)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    source, config, adapter = _checked_source(name, check_config, for_quantization, as_fakequant)
     tokenizer = load_tokenizer(source)
     model = _load_weights(source, torch.float32 if source.gguf_file else torch_dtype(dtype), attention_for(config))
     if getattr(model.config, "quantization_config", None) is not None:  # GGUF: weights are dequantized
@@ -187,6 +186,49 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", check_con
     if adapter is not None:
         adapter.prepare_model(model)
     return model, tokenizer, source
+
+
+def load_model_blockwise(name: str, dtype: str = "float32", check_config=None):
+    """(model, tokenizer, source, weights) for `model.loading: blockwise` (`abqcli.models.blockwise`): the
+    model with its decoder blocks on the meta device, loaded one at a time by `weights`. Checked as
+    `load_model` checks. A GGUF file is read whole once, into its cached safetensors copy (the reader
+    dequantizes the file as a whole); the blocks are then read from that copy."""
+    from abqcli.models.blockwise import load_skeleton
+
+    source, config, adapter = _checked_source(name, check_config, True, False)
+    if source.gguf_file:
+        model, _, source = load_model(name, "float32", "cpu", check_config)
+        del model
+        source = resolve_model(name)
+        if source.gguf_file:  # the cache could not be written
+            raise InputError(f"blockwise loading of {source.describe()} needs its cached safetensors copy "
+                             f"(not writable: {gguf_cache_dir(Path(source.directory) / source.gguf_file)})")
+        config = load_config(source)
+    if adapter.experts:
+        raise InputError(f"blockwise loading does not handle the experts of a {config.model_type} model yet; "
+                         "use model.loading: full")
+    tokenizer = load_tokenizer(source)
+    model, weights = load_skeleton(weight_files(local_directory(source)), source.describe(), config,
+                                   torch_dtype(dtype), attention_for(config), adapter)
+    return model, tokenizer, source, weights
+
+
+def _checked_source(name: str, check_config, for_quantization: bool, as_fakequant: bool):
+    """(source, config, adapter or None): the model named `name` resolved, its config read and checked
+    (see `load_model`) and its files checked, before any weight is read."""
+    from abqcli.models.adapters import adapter_for_config
+
+    source = resolve_model(name)
+    local = Path(source.directory) if source.gguf_file is None and Path(source.directory).is_dir() else None
+    config_json = read_config_json(local) if local is not None else {}
+    config = load_config(source)
+    adapter = adapter_for_config(config) if for_quantization else None
+    if check_config is not None:
+        check_config(config)
+    if local is not None:
+        check_model_files(name, local, config_json, as_fakequant)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return source, config, adapter
 
 
 def attention_for(config) -> str:
@@ -352,12 +394,6 @@ def _refuse_abq_output_folder(name: str, path: Path) -> None:
     if found:
         raise InputError(f"{name} is an abq output folder, already quantized (it holds {', '.join(found)}): "
                          f"give the original model")
-
-
-def name_list(names: list[str], shown: int = 5) -> str:
-    """`a, b, c` or `a, b, c, d, e and 7 more`: a bounded list of names for a one-line message."""
-    text = ", ".join(names[:shown])
-    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from abqcli.distributed import DataParallel
 from abqcli.errors import RunError
 from abqcli.models.adapters import Adapter
 from abqcli.models.experts import counting_tokens, unrouted_linears
+from abqcli.quant.cache import ActivationCache
 from abqcli.quant.checkpoint import BlockLog, Checkpoint, chain_hash, fingerprint
 from abqcli.quant.fakequant import wrap_block_linears
 from abqcli.quant.methods import BlockContext, CalibrationMethod, NonFiniteLoss, run_block
@@ -47,6 +48,27 @@ class CalibrationResult:
     kv_bits: int
     log: list[BlockLog]
     fingerprint: str
+
+
+class BlockSource:
+    """Where the loop's blocks come from and where a finished block goes. This default: the whole model
+    is in memory and every integer state is kept for the exports (`CalibrationResult.quantized`). A
+    blockwise run (`model.loading: blockwise`) loads each block when the loop reaches it and hands it
+    on to be written and dropped (`abqcli.pipeline.StreamedBlocks`)."""
+
+    keeps_states = True
+
+    def state_items(self, model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+        """The model's state dict, in name order: what the run's fingerprint hashes."""
+        return sorted(model.state_dict().items())
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Block `index`'s weights, before the loop moves it to the device."""
+
+    def finish(self, index: int, block: nn.Module, states: dict[str, QuantizedWeight],
+               layers: dict[str, LayerQuant]) -> None:
+        """Block `index`, folded and back in the model dtype on the CPU, with its linears' integer states
+        and schemes (by full name)."""
 
 
 class Progress:
@@ -85,10 +107,12 @@ class Calibrator:
 
     def __init__(self, model: nn.Module, adapter: Adapter, recipe: Recipe, windows: torch.Tensor,
                  checkpoint_dir: Path, device: torch.device, progress: Progress | None = None,
-                 layer_quant: Callable[[str], LayerQuant | None] | None = None, ranks: DataParallel | None = None):
+                 layer_quant: Callable[[str], LayerQuant | None] | None = None, ranks: DataParallel | None = None,
+                 source: BlockSource | None = None, cache: ActivationCache | None = None):
         """`layer_quant` (default `recipe.layer_quant`): each linear's quantization, online transforms
         of a rotated model included (`RotationResult.layer_quant`); `ranks`: this process's share of a
-        data-parallel run (default: one process, every window)."""
+        data-parallel run (default: one process, every window); `source`: where the blocks come from
+        (default: the model in memory); `cache`: where the activations are kept (default: float32 in RAM)."""
         self.model, self.adapter, self.recipe, self.windows = model, adapter, recipe, windows
         self.layer_quant = layer_quant or recipe.layer_quant
         self.checkpoint_dir = checkpoint_dir
@@ -100,27 +124,36 @@ class Calibrator:
         self.local = self.ranks.local_windows(len(windows), recipe.calibration.batch_size)
         self.batch_size = recipe.calibration.batch_size // self.ranks.world
         self.method: CalibrationMethod = METHODS.load(recipe.calibration.method)(recipe, adapter)
+        self.source = source or BlockSource()
+        self.cache = cache or ActivationCache()
 
     def run(self, resume: bool = False) -> CalibrationResult:
-        run_fingerprint = fingerprint(self.model, self.recipe, self.windows)
+        """Every block in order (see the module docstring); with a `BlockSource` that does not keep the
+        integer states, `CalibrationResult.quantized` is empty (the blocks went to their writer)."""
+        run_fingerprint = fingerprint(self.source.state_items(self.model), self.recipe, self.windows)
         checkpoint = (Checkpoint.resume if resume else Checkpoint.start)(self.checkpoint_dir, run_fingerprint,
                                                                          self.ranks)
-        fp_in, block_kwargs = self.adapter.capture_block_inputs(self.model, self.windows[self.local])
+        fp_in, block_kwargs = self.adapter.capture_block_inputs(self.model, self.windows[self.local], self.cache)
         q_in = fp_in
         quantized: dict[str, QuantizedWeight] = {}
         layers: dict[str, LayerQuant] = {}
         logs = checkpoint.logs()
         for index, block in enumerate(self.blocks):
+            self.source.load(index, block)
             dtype = next(block.parameters()).dtype
             ctx = self._context(index, block, fp_in, q_in, block_kwargs[index])
             states, q_out = self._block(ctx, checkpoint, logs)
             prefix = self.adapter.block_prefix(index)
-            for rel, qw in states.items():
-                quantized[f"{prefix}.{rel}"] = qw
-                layers[f"{prefix}.{rel}"] = ctx.qlinears[rel].quant
+            block_states = {f"{prefix}.{rel}": qw for rel, qw in states.items()}
+            block_layers = {f"{prefix}.{rel}": ctx.qlinears[rel].quant for rel in states}
+            layers.update(block_layers)
+            if self.source.keeps_states:
+                quantized.update(block_states)
             block.to(dtype).to("cpu")
             fp_in, q_in = ctx.fp_out, q_out
-            del ctx  # frees the FP copy on the device before the next block moves there
+            del ctx, states  # frees the FP copy on the device before the next block moves there
+            self.source.finish(index, block, block_states, block_layers)
+            del block_states
         return CalibrationResult(quantized, layers, self.kv_bits, logs, run_fingerprint)
 
     def _context(self, index: int, block: nn.Module, fp_in: torch.Tensor, q_in: torch.Tensor,
@@ -136,12 +169,12 @@ class Calibrator:
         self.adapter.attention_module(block).abq_kv_bits = self.kv_bits
         dev_kwargs = send_to_device(kwargs, self.device)
         with counting_tokens(fp_block) as expert_tokens:  # the FP model's routing of the calibration tokens
-            fp_out = run_block(fp_block, fp_in, dev_kwargs, self.device)
+            fp_out = run_block(fp_block, fp_in, dev_kwargs, self.device, self.cache)
         expert_tokens = {name: self.ranks.sum_(torch.tensor(counts)).tolist()
                          for name, counts in sorted(expert_tokens.items())}
         return BlockContext(index, len(self.blocks), block, fp_block, qlinears, fp_in, q_in, fp_out, dev_kwargs,
                             self.device, self.batch_size, expert_tokens, unrouted_linears(expert_tokens, qlinears),
-                            self.ranks)
+                            self.ranks, self.cache)
 
     def _block(self, ctx: BlockContext, checkpoint: Checkpoint,
                logs: list[BlockLog]) -> tuple[dict[str, QuantizedWeight], torch.Tensor]:

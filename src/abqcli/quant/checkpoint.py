@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -66,13 +67,21 @@ def chain_hash(chain: torch.Tensor, ranks: DataParallel, windows: torch.Tensor) 
     return hashlib.sha256("".join(h for _, h in pairs).encode()).hexdigest()
 
 
-def fingerprint(model: nn.Module, recipe: Recipe, windows: torch.Tensor) -> str:
-    """sha256 over the model weights, the recipe fields that change the result, and the data."""
+# recipe fields that say where the run keeps things, not what it computes: a checkpoint made with one
+# value resumes with another (`model.loading: full` and `blockwise` give the same codes, as do both caches)
+WHERE_NOT_WHAT = (("model", "loading"), ("calibration", "cache"))
+
+
+def fingerprint(state: Iterable[tuple[str, torch.Tensor]], recipe: Recipe, windows: torch.Tensor) -> str:
+    """sha256 over the model's state dict (`state`: (name, tensor) in name order), the recipe fields that
+    change the result, and the data."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in state:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
     relevant = {k: v for k, v in recipe.to_dict().items() if k not in ("output", "eval")}
+    for section, key in WHERE_NOT_WHAT:
+        relevant[section].pop(key)
     digest.update(json.dumps(relevant, sort_keys=True).encode())
     digest.update(windows.numpy().tobytes())
     return digest.hexdigest()

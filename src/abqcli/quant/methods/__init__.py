@@ -35,6 +35,7 @@ from torch import nn
 from abqcli.distributed import DataParallel
 from abqcli.models.adapters import Adapter
 from abqcli.models.experts import expert_role
+from abqcli.quant.cache import ActivationCache
 from abqcli.quant.fakequant import QuantLinear
 from abqcli.quant.gptq import collect_hessians, gptq_quantize, reduce_hessians
 from abqcli.quant.quantizer import QuantizedWeight, quantize_weight
@@ -50,12 +51,20 @@ def batches(n: int, batch_size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: torch.device) -> torch.Tensor:
-    """`block` on every window of `inputs` ([n, T, H], CPU), one window at a time on `device`; the outputs
-    on the CPU. Window by window, so that these outputs (teachers, chains, Hessians) do not depend on
-    how the windows are batched for training or split between processes: float rounding of a matmul
-    can depend on how many rows it multiplies at once."""
-    return torch.cat([block(inputs[i:i + 1].to(device), **kwargs).cpu() for i in range(len(inputs))])
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: torch.device,
+              cache: ActivationCache | None = None) -> torch.Tensor:
+    """`block` (float32) on every window of `inputs` ([n, T, H], CPU), one window at a time on `device`;
+    the outputs on the CPU in a tensor of `cache` (default: float32 in RAM). Window by window, so that
+    these outputs (teachers, chains, Hessians) do not depend on how the windows are batched for
+    training or split between processes: float rounding of a matmul can depend on how many rows it
+    multiplies at once."""
+    outputs = None
+    for i in range(len(inputs)):
+        window = block(inputs[i:i + 1].to(device, torch.float32), **kwargs)
+        if outputs is None:
+            outputs = (cache or ActivationCache()).empty((len(inputs), *window.shape[1:]))
+        outputs[i] = window[0]
+    return outputs
 
 
 @dataclass
@@ -69,7 +78,9 @@ class BlockContext:
     fp_in:    the FP-chain input [n, T, H] (the FP model's hidden states entering this block);
     q_in:     the quantized-chain input [n, T, H] (what the already quantized blocks before this one give);
               the inputs of qblock's linears on it (hooks on `qlinears`, `run(qblock, q_in)`) are what a
-              Hessian-based rounding accumulates;
+              Hessian-based rounding accumulates; these three and every `run` output are `cache` tensors
+              (`abqcli.quant.cache`: in RAM or memory-mapped, in the cache dtype): a method reads a batch
+              of them with `batch`, in float32 on the device;
     fp_out:   fp_block on fp_in: the FP-chain output Y_1 (the next block's fp_in);
     kwargs:   the keyword arguments of the block's forward (position embeddings, mask), on `device`;
     expert_tokens: a MoE block's calibration tokens per expert as the FP model routes them (fp_block on
@@ -94,6 +105,7 @@ class BlockContext:
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     unrouted: frozenset[str] = frozenset()
     ranks: DataParallel = field(default_factory=DataParallel.single)
+    cache: ActivationCache = field(default_factory=ActivationCache)
 
     def batches(self) -> list[slice]:
         """The calibration batches over the windows (`calibration.batch_size`)."""
@@ -101,7 +113,11 @@ class BlockContext:
 
     def run(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """`module` (qblock or fp_block) on every window of `inputs`, without gradients; CPU output."""
-        return run_block(module, inputs, self.kwargs, self.device)
+        return run_block(module, inputs, self.kwargs, self.device, self.cache)
+
+    def batch(self, cached: torch.Tensor, b: slice) -> torch.Tensor:
+        """Windows `b` of a cached tensor on the device, in float32 (what the block computes in)."""
+        return cached[b].to(self.device, torch.float32)
 
 
 @dataclass

@@ -76,7 +76,7 @@ class AbqMethod(CalibrationMethod):
         stats = None
         if cal.let.enabled:
             stats = collect_activation_stats(
-                ctx.fp_block, self.adapter, [((ctx.fp_in[b].to(ctx.device),), ctx.kwargs) for b in ctx.batches()],
+                ctx.fp_block, self.adapter, [((ctx.batch(ctx.fp_in, b),), ctx.kwargs) for b in ctx.batches()],
                 ctx.ranks,
             )
         compensate = ctx.index < cal.compensation.first or ctx.index >= ctx.num_blocks - cal.compensation.last
@@ -146,7 +146,7 @@ class AbqMethod(CalibrationMethod):
         n, t = ctx.fp_in.shape[:2]
         if not self.recipe.calibration.loss.attention_kl or n * t * t * 4 > TEACHER_PROBS_CACHE_BYTES:
             return None
-        return [record_probs(ctx.fp_block, self.adapter, ctx.fp_in[b].to(ctx.device), ctx.kwargs)
+        return [record_probs(ctx.fp_block, self.adapter, ctx.batch(ctx.fp_in, b), ctx.kwargs)
                 for b in ctx.batches()]
 
     def quantized_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
@@ -161,18 +161,17 @@ class AbqMethod(CalibrationMethod):
 
     def _loss(self, ctx: BlockContext, b: slice, fp_on_q: torch.Tensor, p_1: torch.Tensor | None):
         """The block loss of batch `b` (and its terms): Y_q against Y_1 = fp_out and Y_2 = fp_on_q."""
-        dev = ctx.device
         attn_q = self.adapter.attention_module(ctx.qblock)
         want_kl = self.recipe.calibration.loss.attention_kl
         if want_kl and p_1 is None:
-            p_1 = record_probs(ctx.fp_block, self.adapter, ctx.fp_in[b].to(dev), ctx.kwargs)
+            p_1 = record_probs(ctx.fp_block, self.adapter, ctx.batch(ctx.fp_in, b), ctx.kwargs)
         attn_q.abq_record_probs = want_kl
         try:
-            y_q = functional_call(ctx.qblock, self.quantized_params(ctx), (ctx.q_in[b].to(dev),), ctx.kwargs)
+            y_q = functional_call(ctx.qblock, self.quantized_params(ctx), (ctx.batch(ctx.q_in, b),), ctx.kwargs)
         finally:
             attn_q.abq_record_probs = False
         p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
-        return block_loss(y_q, ctx.fp_out[b].to(dev), fp_on_q[b].to(dev), p_q, p_1, self.recipe.calibration.loss,
+        return block_loss(y_q, ctx.batch(ctx.fp_out, b), ctx.batch(fp_on_q, b), p_q, p_1, self.recipe.calibration.loss,
                           ctx.ranks)
 
     def folded_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
