@@ -83,7 +83,7 @@ def write_recipe(path: Path, model: str, method: str, out: Path, loading: str = 
 def quantize(recipe: Path, data_dir: str, work: Path, name: str) -> dict:
     run = timed([sys.executable, "-m", "abqcli", "quantize", str(recipe), "--data-dir", data_dir, "--overwrite"],
                 work / f"{name}.log")
-    out = Path(re.search(r"dir: (\S+)}", recipe.read_text()).group(1))
+    out = Path(re.search(r"dir: ([^,}]+)", recipe.read_text()).group(1))
     if (out / "quant_log.json").is_file():
         log = json.loads((out / "quant_log.json").read_text())
         run["activation_cache"] = log["activation_cache"]

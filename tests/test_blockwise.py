@@ -23,10 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def recipe_at(tmp_path: Path, model: Path, text: Path, out: str, loading: str = "full", calibration: str = "",
-              formats: str = "[abq-packed]", scheme: str = "w4a4"):
+              formats: str = "[abq-packed]", scheme: str = "w4a4", dtype: str = "float32"):
     path = tmp_path / f"{out}.yaml"
     path.write_text(
-        f"model: {{path: {model}, loading: {loading}}}\n"
+        f"model: {{path: {model}, loading: {loading}, dtype: {dtype}}}\n"
         f"scheme: {scheme}\n"
         f"calibration: {{dataset: {text}, nsamples: 4, seqlen: 32, epochs: 2, batch_size: 2, device: cpu"
         f"{', ' + calibration if calibration else ''}}}\n"
@@ -109,6 +109,16 @@ def test_blockwise_resume_and_disk_cache_give_the_same_export(tmp_path, tiny_lla
     assert summary["activation_cache"] == {"place": DISK, "dtype": "float32"}
     assert_same_export(tmp_path / "out" / "abq-packed", full_run[0])
     assert not (tmp_path / "out" / CHECKPOINT_DIR).exists()
+
+
+def test_a_bfloat16_model_calibrates_with_bfloat16_caches_alike_both_ways(tmp_path, tiny_llama, tiny_text_file):
+    runs = {loading: run_quantize(recipe_at(tmp_path, tiny_llama, tiny_text_file, loading, loading, "method: rtn",
+                                            dtype="bfloat16"))
+            for loading in ("full", "blockwise")}
+    assert runs["blockwise"]["activation_cache"] == {"place": MEMORY, "dtype": "bfloat16"}
+    assert_same_export(tmp_path / "blockwise" / "abq-packed", tmp_path / "full" / "abq-packed")
+    tensors = load_packed_tensors(tmp_path / "blockwise" / "abq-packed")
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
 def test_what_blockwise_loading_cannot_do_is_refused_in_one_line(tmp_path, tiny_llama, tiny_text_file):

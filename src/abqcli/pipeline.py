@@ -80,6 +80,10 @@ class StreamedBlocks(BlockSource):
     def state_items(self, model):
         return self.weights.state_items()
 
+    def capture(self, adapter, model, windows, cache):
+        with self.weights.outside_blocks():  # the embeddings, for the time of embedding the windows
+            return super().capture(adapter, model, windows, cache)
+
     def load(self, index, block) -> None:
         self.weights.materialize(index, block)
 
@@ -332,6 +336,8 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     if ranks.rank != 0:
         return {"rank": ranks.rank, **processes, "seconds": round(time.perf_counter() - start, 2)}
     set_kv_quant(model, adapter, result.kv_bits, rotation.kv_transform)
+    if blocks is not None:  # blockwise: what lies outside the blocks, for the export's last shard
+        blocks.weights.load_outside_blocks()
     provenance = build_provenance(recipe, source, text, result.fingerprint)
     provenance["rotation"] = rotation.provenance()
     with replacing(out_dir) as stage:  # the previous output (and the checkpoint) go once this is complete

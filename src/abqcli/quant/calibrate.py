@@ -62,6 +62,11 @@ class BlockSource:
         """The model's state dict, in name order: what the run's fingerprint hashes."""
         return sorted(model.state_dict().items())
 
+    def capture(self, adapter: Adapter, model: nn.Module, windows: torch.Tensor,
+                cache: ActivationCache) -> tuple[torch.Tensor, list[dict]]:
+        """The first block's inputs and every block's keyword arguments (`Adapter.capture_block_inputs`)."""
+        return adapter.capture_block_inputs(model, windows, cache)
+
     def load(self, index: int, block: nn.Module) -> None:
         """Block `index`'s weights, before the loop moves it to the device."""
 
@@ -133,7 +138,7 @@ class Calibrator:
         run_fingerprint = fingerprint(self.source.state_items(self.model), self.recipe, self.windows)
         checkpoint = (Checkpoint.resume if resume else Checkpoint.start)(self.checkpoint_dir, run_fingerprint,
                                                                          self.ranks)
-        fp_in, block_kwargs = self.adapter.capture_block_inputs(self.model, self.windows[self.local], self.cache)
+        fp_in, block_kwargs = self.source.capture(self.adapter, self.model, self.windows[self.local], self.cache)
         q_in = fp_in
         quantized: dict[str, QuantizedWeight] = {}
         layers: dict[str, LayerQuant] = {}

@@ -54,7 +54,8 @@ class BlockLog:
 
 
 def tensor_hash(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    """sha256 of a tensor's bytes (any dtype: numpy has no bfloat16, so the bytes are taken as uint8)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def chain_hash(chain: torch.Tensor, ranks: DataParallel, windows: torch.Tensor) -> str:
@@ -70,6 +71,7 @@ def chain_hash(chain: torch.Tensor, ranks: DataParallel, windows: torch.Tensor) 
 # recipe fields that say where the run keeps things, not what it computes: a checkpoint made with one
 # value resumes with another (`model.loading: full` and `blockwise` give the same codes, as do both caches)
 WHERE_NOT_WHAT = (("model", "loading"), ("calibration", "cache"))
+HASH_CHUNK = 1 << 22  # elements
 
 
 def fingerprint(state: Iterable[tuple[str, torch.Tensor]], recipe: Recipe, windows: torch.Tensor) -> str:
@@ -78,7 +80,8 @@ def fingerprint(state: Iterable[tuple[str, torch.Tensor]], recipe: Recipe, windo
     digest = hashlib.sha256()
     for name, tensor in state:
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+        for chunk in tensor.detach().reshape(-1).split(HASH_CHUNK):  # a float32 copy of a chunk at a time
+            digest.update(chunk.cpu().float().numpy().tobytes())
     relevant = {k: v for k, v in recipe.to_dict().items() if k not in ("output", "eval")}
     for section, key in WHERE_NOT_WHAT:
         relevant[section].pop(key)
