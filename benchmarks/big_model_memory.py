@@ -134,12 +134,16 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--work", default="/tmp/abq-big-model")
     parser.add_argument("--layers", type=int, default=26)
-    parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--parts", default="big-model,smollm2",
+                        help="which measurements to (re)run; the others are kept from the results file")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"big_model": big_model(work, args.data_dir, args.layers)}
-    if not args.skip_smollm2:
+    parts = set(args.parts.split(","))
+    result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    if "big-model" in parts:
+        result["big_model"] = big_model(work, args.data_dir, args.layers)
+    if "smollm2" in parts:
         result["smollm2_w4a16_g128"] = smollm2(work, args.data_dir)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

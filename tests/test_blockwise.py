@@ -121,6 +121,20 @@ def test_a_bfloat16_model_calibrates_with_bfloat16_caches_alike_both_ways(tmp_pa
     assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
+def test_tied_embeddings_are_read_once_and_stay_tied(tmp_path, tiny_text_file):
+    from conftest import llama_config, save_tiny_model
+
+    config = llama_config()
+    config.tie_word_embeddings = True
+    model = save_tiny_model(config, tmp_path / "tied", seed=5)
+    runs = {loading: run_quantize(recipe_at(tmp_path, model, tiny_text_file, loading, loading, "method: rtn"))
+            for loading in ("full", "blockwise")}
+    assert runs["full"]["provenance"]["fingerprint"] == runs["blockwise"]["provenance"]["fingerprint"]
+    assert_same_export(tmp_path / "blockwise" / "abq-packed", tmp_path / "full" / "abq-packed")
+    config = json.loads((tmp_path / "blockwise" / "abq-packed" / "config.json").read_text())
+    assert config["quantization_config"]["tied_tensors"] == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
 def test_what_blockwise_loading_cannot_do_is_refused_in_one_line(tmp_path, tiny_llama, tiny_text_file):
     rotated = recipe_at(tmp_path, tiny_llama, tiny_text_file, "a", "blockwise", "rotation: hadamard")
     with pytest.raises(InputError, match="rotates the whole model"):

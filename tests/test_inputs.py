@@ -235,14 +235,14 @@ def test_eval_refuses_an_override_that_matches_nothing_as_quantize_does(workdir,
 def test_nan_loss_at_the_first_block_gives_advice_that_works(workdir, tiny_llama, tiny_text_file, capsys,
                                                               monkeypatch):
     recipe = write_recipe(workdir, tiny_llama, tiny_text_file, batch_size=2)
-    real, calls = abq_method.block_loss, itertools.count()
+    real, calls = abq_method.batch_means, itertools.count()
 
-    def nan_loss(*args, **kwargs):
-        total, terms = real(*args, **kwargs)
-        return (total * float("nan") if next(calls) == 2 else total), terms
+    def nan_means(*args, **kwargs):  # one call per step
+        means = real(*args, **kwargs)
+        return dict.fromkeys(means, float("nan")) if next(calls) == 2 else means
 
     with monkeypatch.context() as patch:
-        patch.setattr(abq_method, "block_loss", nan_loss)
+        patch.setattr(abq_method, "batch_means", nan_means)
         capsys.readouterr()
         rc = abq(workdir, "quantize", recipe)
     line = error_line(capsys.readouterr().err)

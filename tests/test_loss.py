@@ -8,7 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from abqcli.quant.loss import PROB_EPS, block_loss, causal_kl, neg_log_mean_cosine
+from abqcli.quant.loss import (
+    PROB_EPS,
+    batch_means,
+    block_loss,
+    causal_kl,
+    mean_cosine,
+    term_values,
+    window_loss,
+    window_terms,
+)
 from abqcli.recipe import LossSpec
 
 
@@ -167,22 +176,44 @@ def test_causal_kl_is_finite_with_zero_probabilities():
 # ------------------------------------------------------------------------------- cosine
 
 
-def test_neg_log_mean_cosine_identical_is_zero():
+def _cosine_only() -> LossSpec:
+    return LossSpec(mse=False, cosine=True, attention_kl=False)
+
+
+def test_cosine_term_identical_is_zero():
     a = _hidden(0)
-    assert neg_log_mean_cosine(a, a.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert block_loss(a, a.clone(), a.clone(), None, None, _cosine_only())[0].item() == pytest.approx(0.0, abs=1e-6)
     # scale does not matter
-    assert neg_log_mean_cosine(a, 3.0 * a).item() == pytest.approx(0.0, abs=1e-6)
+    assert block_loss(a, 3.0 * a, 3.0 * a, None, None, _cosine_only())[0].item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_neg_log_mean_cosine_by_hand():
+def test_mean_cosine_by_hand():
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     b = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # cos = 1/sqrt(2) and 1
-    expected = -math.log((1 / math.sqrt(2) + 1) / 2)
-    assert neg_log_mean_cosine(a, b).item() == pytest.approx(expected, rel=1e-6)
+    assert mean_cosine(a, b).item() == pytest.approx((1 / math.sqrt(2) + 1) / 2, rel=1e-6)
+    _, terms = block_loss(a, b, b, None, None, _cosine_only())
+    assert terms["cos_1"] == pytest.approx(-math.log((1 / math.sqrt(2) + 1) / 2), rel=1e-6)
 
 
-def test_neg_log_mean_cosine_opposite_is_clamped_not_nan():
+def test_cosine_term_of_opposite_outputs_is_clamped_not_nan():
     a = _hidden(0)
-    value = neg_log_mean_cosine(a, -a)
+    value, _ = block_loss(a, -a, -a, None, None, _cosine_only())
     assert torch.isfinite(value)
-    assert value.item() == pytest.approx(-math.log(PROB_EPS), rel=1e-6)
+    assert value.item() == pytest.approx(-2 * math.log(PROB_EPS), rel=1e-6)
+
+
+def test_window_by_window_gives_the_whole_batch_loss_and_gradient():
+    """Each window's own forward, the cosine terms through the batch mean: the batch's value and gradient."""
+    weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    x, y_1, y_2 = _hidden(1, (3, 5, 8)), _hidden(2, (3, 5, 8)), _hidden(4, (3, 5, 8))
+    p_1, p_q = _causal_probs(3, 5, 5), _causal_probs(3, 5, 6)
+    spec = LossSpec(mse=True, cosine=True, attention_kl=True)
+    total, expected = block_loss(x @ weight, y_1, y_2, p_q, p_1, spec)
+    (batch_grad,) = torch.autograd.grad(total, weight)
+    terms = [window_terms(x[w:w + 1] @ weight, y_1[w:w + 1], y_2[w:w + 1], p_q[w:w + 1], p_1[w:w + 1], spec)
+             for w in range(3)]
+    means = batch_means([{k: t.item() for k, t in window.items()} for window in terms])
+    for window in terms:
+        window_loss(window, means, 3).backward()
+    assert term_values(means) == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(weight.grad, batch_grad, rtol=1e-5, atol=1e-7)

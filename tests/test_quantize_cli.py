@@ -305,18 +305,16 @@ def test_nan_loss_names_block_epoch_step_and_resume_completes(runs, tmp_path, mo
     # batch_size 2: two steps per epoch, 5 epochs -> calls 0..9 are block 0; call 13 is block 1, epoch 1, step 1
     recipe = runs.recipe(tmp_path, "llama", batch_size=2)
     out = tmp_path / "out"
-    real = abq_method.block_loss
+    real = abq_method.batch_means
     calls = itertools.count()
 
-    def nan_loss(*args, **kwargs):
-        total, terms = real(*args, **kwargs)
-        if next(calls) == 13:
-            total = total * float("nan")
-        return total, terms
+    def nan_means(*args, **kwargs):  # one call per step
+        means = real(*args, **kwargs)
+        return dict.fromkeys(means, float("nan")) if next(calls) == 13 else means
 
     capsys.readouterr()
     with monkeypatch.context() as patch:
-        patch.setattr(abq_method, "block_loss", nan_loss)
+        patch.setattr(abq_method, "batch_means", nan_means)
         rc = abq(tmp_path, "quantize", recipe)
     line = error_line(capsys.readouterr().err)
     assert rc == 1

@@ -201,4 +201,6 @@ def load_skeleton(files: list[Path], source: str, config, dtype: torch.dtype, at
     tensors = CheckpointTensors(files)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # not done on the meta device: the checkpoint then holds the tied tensor once
     return model.eval(), BlockwiseWeights(model, adapter, tensors, dtype, source)

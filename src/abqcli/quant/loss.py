@@ -7,10 +7,13 @@ Y_q: quantized block on the quantized-chain input; Y_1: FP block on the FP-chain
 the quantized-chain input; P: attention probabilities averaged over heads. The KL is taken row-wise over
 keys on the causal entries only, on P itself (the reference code's second softmax is not applied).
 
-Over several processes (`abqcli.distributed`) each rank holds an equal slice of the batch. Every term but
-the cosine one is a mean, so the mean of the ranks' gradients is the batch's gradient; −log of a mean is
-not, so the cosine term is computed with the batch's mean cosine c̄ (all-reduced, no gradient): its value
-is −log c̄ and its gradient −∇c_r / c̄, whose mean over the ranks is ∇(−log c̄).
+A batch is computed window by window (`window_terms` of each window's own forward), on one process as
+over several (`abqcli.distributed`, each rank holding an equal slice of the batch), so that a window's
+forward and gradient are the same computation wherever it runs and only the order of summing the
+windows' gradients differs. Every term but the cosine one is a mean, so the mean of the windows'
+gradients is the batch's gradient; −log of a mean is not, so the cosine term is taken with the batch's
+mean cosine c̄ (over every window of every rank, no gradient): its value is −log c̄ and each window's
+gradient −∇c_w / c̄, whose mean over the windows is ∇(−log c̄) (`window_loss`).
 """
 
 from __future__ import annotations
@@ -26,14 +29,9 @@ from abqcli.recipe import LossSpec
 PROB_EPS = 1e-10
 
 
-def neg_log_mean_cosine(a: torch.Tensor, b: torch.Tensor, ranks: DataParallel | None = None) -> torch.Tensor:
-    """−log of the mean over tokens (of every rank's slice of the batch) of the cosine similarity along
-    the hidden dimension."""
-    cos = F.cosine_similarity(a.float(), b.float(), dim=-1).mean()
-    if ranks is None or not ranks.active:
-        return -torch.log(cos.clamp_min(PROB_EPS))
-    batch = max(ranks.mean(cos.item()), PROB_EPS)
-    return (cos.detach() - cos) / batch - math.log(batch)
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens of the cosine similarity along the hidden dimension."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean()
 
 
 def causal_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -48,29 +46,55 @@ def causal_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return terms.masked_fill(~causal, 0.0).sum(dim=-1).mean()
 
 
-def block_loss(
-    y_q: torch.Tensor,
-    y_1: torch.Tensor,
-    y_2: torch.Tensor,
-    p_q: torch.Tensor | None,
-    p_1: torch.Tensor | None,
-    spec: LossSpec,
-    ranks: DataParallel | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The total loss and each enabled term's value (for the log); `ranks`: the batch is split over
-    several processes (module docstring)."""
+COSINE_TERMS = {"cos_1": "y_1", "cos_2": "y_2"}
+
+
+def window_terms(y_q: torch.Tensor, y_1: torch.Tensor, y_2: torch.Tensor, p_q: torch.Tensor | None,
+                 p_1: torch.Tensor | None, spec: LossSpec) -> dict[str, torch.Tensor]:
+    """Each enabled term of the loss of one window (or of a batch taken as a whole): the MSE and KL terms
+    as they enter the loss, the cosine ones as the mean cosine c (the loss has −log c̄)."""
     terms: dict[str, torch.Tensor] = {}
     if spec.mse:
         terms["mse_1"] = F.mse_loss(y_q.float(), y_1.float())
         terms["mse_2"] = F.mse_loss(y_q.float(), y_2.float())
     if spec.cosine:
-        terms["cos_1"] = neg_log_mean_cosine(y_q, y_1, ranks)
-        terms["cos_2"] = neg_log_mean_cosine(y_q, y_2, ranks)
+        terms["cos_1"] = mean_cosine(y_q, y_1)
+        terms["cos_2"] = mean_cosine(y_q, y_2)
     if spec.attention_kl and p_q is not None and p_1 is not None:
         terms["kl_fwd"] = causal_kl(p_1, p_q)
         terms["kl_rev"] = causal_kl(p_q, p_1)
     if not terms:
         raise ValueError("block_loss: every loss term is off (calibration.loss: enable mse, cosine or "
                          "attention_kl)")
-    total = torch.stack(list(terms.values())).sum()
-    return total, {k: v.item() for k, v in terms.items()}
+    return terms
+
+
+def window_loss(terms: dict[str, torch.Tensor], means: dict[str, float], windows: int) -> torch.Tensor:
+    """What one of this process's `windows` windows of a batch back-propagates: its MSE and KL terms and
+    the cosine surrogate (c_w.detach() − c_w) / c̄ (value 0, gradient −∇c_w / c̄), all divided by
+    `windows` (over several processes the ranks then average their gradients); `means`: each term's batch mean (`batch_means`), c̄ for the cosine ones."""
+    parts = [(t.detach() - t) / max(means[k], PROB_EPS) if k in COSINE_TERMS else t
+             for k, t in terms.items()]
+    return torch.stack(parts).sum() / windows
+
+
+def batch_means(window_values: list[dict[str, float]], ranks: DataParallel | None = None) -> dict[str, float]:
+    """Each term's mean over the batch (every window of every rank; float64, one all-reduce)."""
+    ranks = ranks or DataParallel.single()
+    keys = list(window_values[0])
+    sums = ranks.sum_(torch.tensor([sum(v[k] for v in window_values) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, (sums / (len(window_values) * ranks.world)).tolist(), strict=True))
+
+
+def term_values(means: dict[str, float]) -> dict[str, float]:
+    """The loss terms' values from their batch means: the cosine ones as −log c̄."""
+    return {k: -math.log(max(v, PROB_EPS)) if k in COSINE_TERMS else v for k, v in means.items()}
+
+
+def block_loss(y_q: torch.Tensor, y_1: torch.Tensor, y_2: torch.Tensor, p_q: torch.Tensor | None,
+               p_1: torch.Tensor | None, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of a batch taken as a whole (the module docstring's L) and each enabled term's value: the
+    definition that the window-by-window computation reproduces."""
+    terms = window_terms(y_q, y_1, y_2, p_q, p_1, spec)
+    terms = {k: -torch.log(t.clamp_min(PROB_EPS)) if k in COSINE_TERMS else t for k, t in terms.items()}
+    return torch.stack(list(terms.values())).sum(), {k: v.item() for k, v in terms.items()}

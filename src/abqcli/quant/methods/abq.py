@@ -3,7 +3,8 @@
 
 prepare: LET scales/shifts and compensation vectors (`BlockTransform`, scales initialised from the FP
          block's activation statistics), LWC clipping factors per quantized linear;
-train:   AdamW over `epochs` passes of the calibration batches on `loss.block_loss` of the quantized block
+train:   AdamW over `epochs` passes of the calibration batches on the block loss (`abqcli.quant.loss`,
+         window by window) of the quantized block
          on the quantized-chain input against Y_1 (FP block, FP-chain input) and Y_2 (FP block,
          quantized-chain input);
 fold:    LET and compensation folded into the weights, then rounding on the learned LWC clipping:
@@ -20,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from abqcli.models.adapters import Adapter
-from abqcli.quant.loss import block_loss
+from abqcli.quant.loss import batch_means, term_values, window_loss, window_terms
 from abqcli.quant.methods import (
     GPTQ,
     LEARNED,
@@ -122,12 +123,11 @@ class AbqMethod(CalibrationMethod):
             epoch_losses.append([])
             for step, b in enumerate(ctx.batches()):
                 p_1 = teacher_probs[step] if teacher_probs else None
-                loss, terms = self._loss(ctx, b, fp_on_q, p_1)
-                value = ctx.ranks.mean(loss.item())  # the global batch's loss (every rank stops together)
+                optimizer.zero_grad(set_to_none=True)
+                terms = self._backward(ctx, b, fp_on_q, p_1)
+                value = sum(terms.values())  # the global batch's loss (every rank stops together)
                 if not math.isfinite(value):
                     raise NonFiniteLoss(epoch, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 ctx.ranks.mean_gradients([p for g in groups for p in g["params"]])
                 optimizer.step()
                 self._clamp_offsets()
@@ -159,20 +159,34 @@ class AbqMethod(CalibrationMethod):
                                                self.offsets.get(rel))
         return params
 
-    def _loss(self, ctx: BlockContext, b: slice, fp_on_q: torch.Tensor, p_1: torch.Tensor | None):
-        """The block loss of batch `b` (and its terms): Y_q against Y_1 = fp_out and Y_2 = fp_on_q."""
+    def _backward(self, ctx: BlockContext, b: slice, fp_on_q: torch.Tensor,
+                  p_1: torch.Tensor | None) -> dict[str, float]:
+        """The gradient of batch `b`'s loss, accumulated window by window (`abqcli.quant.loss`: the same
+        computation per window on one process or several); each term's value over the global batch."""
+        windows = range(b.start, b.stop)
+        terms = [self._window_terms(ctx, slice(w, w + 1), fp_on_q, None if p_1 is None else p_1[i:i + 1])
+                 for i, w in enumerate(windows)]
+        means = batch_means([{k: t.item() for k, t in window.items()} for window in terms], ctx.ranks)
+        for window in terms:
+            window_loss(window, means, len(windows)).backward()  # the ranks then average (mean_gradients)
+        return term_values(means)
+
+    def _window_terms(self, ctx: BlockContext, w: slice, fp_on_q: torch.Tensor,
+                      p_1: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The loss terms of window `w` (`loss.window_terms`): Y_q against Y_1 = fp_out and Y_2 = fp_on_q,
+        with the window's own fake-quantized weights (so its gradient does not depend on the others)."""
         attn_q = self.adapter.attention_module(ctx.qblock)
         want_kl = self.recipe.calibration.loss.attention_kl
         if want_kl and p_1 is None:
-            p_1 = record_probs(ctx.fp_block, self.adapter, ctx.batch(ctx.fp_in, b), ctx.kwargs)
+            p_1 = record_probs(ctx.fp_block, self.adapter, ctx.batch(ctx.fp_in, w), ctx.kwargs)
         attn_q.abq_record_probs = want_kl
         try:
-            y_q = functional_call(ctx.qblock, self.quantized_params(ctx), (ctx.batch(ctx.q_in, b),), ctx.kwargs)
+            y_q = functional_call(ctx.qblock, self.quantized_params(ctx), (ctx.batch(ctx.q_in, w),), ctx.kwargs)
         finally:
             attn_q.abq_record_probs = False
         p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
-        return block_loss(y_q, ctx.batch(ctx.fp_out, b), ctx.batch(fp_on_q, b), p_q, p_1, self.recipe.calibration.loss,
-                          ctx.ranks)
+        return window_terms(y_q, ctx.batch(ctx.fp_out, w), ctx.batch(fp_on_q, w), p_q, p_1,
+                            self.recipe.calibration.loss)
 
     def folded_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         return self.transform.transformed_params()
