@@ -10,8 +10,8 @@ Measured, each in its own process: the peak RSS of loading the checkpoint in flo
 `load_model`, what `model.loading: full` holds before calibrating), of the bare runtime (python with
 torch, transformers and abq imported), of an RTN run and of a 1-epoch, 2-window ABQ run (both
 blockwise, W4A8 per-channel, abq-packed), and `abq verify` of the ABQ export. The prediction beside them is the README's
-formula: runtime + weights outside the blocks (model dtype) + 2 × one block in float32 + the activation
-caches (5 · n · T · H · 2 bytes in bf16). Then SmolLM2 (`configs/smollm2-w4a16-g128.yaml` at a small
+formula without the training state: runtime + max(weights outside the blocks in bf16, 2 × one block in
+float32 + the activation caches, 5 · n · T · H · 2 bytes in bf16). Then SmolLM2 (`configs/smollm2-w4a16-g128.yaml` at a small
 budget) with `model.loading: full` and `blockwise`. Writes benchmarks/results/big-model-memory.json.
 """
 
@@ -91,8 +91,16 @@ def quantize(recipe: Path, data_dir: str, work: Path, name: str) -> dict:
     return run
 
 
+def formula_mb(sizes: dict, runtime_mb: float) -> float:
+    """The README's prediction (MiB), training state left out: runtime + max(weights outside the blocks in
+    bf16, 2 × one block in float32 + the bf16 activation caches)."""
+    caches = 5 * WINDOWS * SEQLEN * SHAPE["hidden_size"] * 2
+    calibrating = 2 * sizes["block_parameters"] * 4 + caches
+    return round(runtime_mb + max(sizes["outside_block_parameters"] * 2, calibrating) / 2**20, 1)
+
+
 def big_model(work: Path, data_dir: str, layers: int) -> dict:
-    """The synthetic checkpoint: float32 load, runtime, RTN, ABQ, verify, and the formula."""
+    """The synthetic checkpoint: float32 load, runtime, RTN, ABQ, and the formula."""
     model = work / "llama-1p5b-bf16"
     sizes = build_checkpoint(model, layers)
     load = f"from abqcli.models.loading import load_model; load_model({str(model)!r}, 'float32')"
@@ -101,6 +109,17 @@ def big_model(work: Path, data_dir: str, layers: int) -> dict:
                     work / "runtime.log")
     rtn = quantize(write_recipe(work / "rtn.yaml", str(model), "rtn", work / "out-rtn"), data_dir, work, "rtn")
     abq = quantize(write_recipe(work / "abq.yaml", str(model), "abq", work / "out-abq"), data_dir, work, "abq")
+    return {"checkpoint": {**sizes, "dtype": "bfloat16", "seqlen": SEQLEN, "windows": WINDOWS},
+            "load_float32": load_fp32, "runtime": runtime, "rtn_blockwise": rtn, "abq_blockwise": abq,
+            "formula_mb": formula_mb(sizes, runtime["peak_rss_mb"]),
+            "rtn_vs_float32_load": round(rtn["peak_rss_mb"] / load_fp32["peak_rss_mb"], 3),
+            "abq_vs_float32_load": round(abq["peak_rss_mb"] / load_fp32["peak_rss_mb"], 3)}
+
+
+def verify_big_model(work: Path, data_dir: str) -> dict:
+    """`abq verify` of the ABQ export (1 window of 128 tokens), with the export's abq.json sha256."""
+    from abqcli.checksums import sha256_file
+
     verify = timed([sys.executable, "-m", "abqcli", "verify", str(work / "out-abq" / "abq-packed"), "--data-dir",
                     data_dir, "--windows", "1", "--seqlen", "128", "--json", str(work / "verify.json")],
                    work / "verify.log")
@@ -108,15 +127,8 @@ def big_model(work: Path, data_dir: str, layers: int) -> dict:
         report = json.loads((work / "verify.json").read_text())
         verify.update({k: report[k] for k in ("ok", "layers_integer_checked", "layers_integer_exact",
                                               "logits_max_rel", "problems")})
-    mib = 2**20
-    caches = 5 * WINDOWS * SEQLEN * SHAPE["hidden_size"] * 2
-    predicted = (runtime["peak_rss_mb"] + (sizes["outside_block_parameters"] * 2 + 2 * sizes["block_parameters"] * 4
-                                           + caches) / mib)
-    return {"checkpoint": {**sizes, "dtype": "bfloat16", "seqlen": SEQLEN, "windows": WINDOWS},
-            "load_float32": load_fp32, "runtime": runtime, "rtn_blockwise": rtn, "abq_blockwise": abq,
-            "verify_abq": verify, "formula_mb": round(predicted, 1),
-            "rtn_vs_float32_load": round(rtn["peak_rss_mb"] / load_fp32["peak_rss_mb"], 3),
-            "abq_vs_float32_load": round(abq["peak_rss_mb"] / load_fp32["peak_rss_mb"], 3)}
+    verify["export_abq_json_sha256"] = sha256_file(work / "out-abq" / "abq-packed" / "abq.json")
+    return verify
 
 
 def smollm2(work: Path, data_dir: str) -> dict:
@@ -134,7 +146,7 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--work", default="/tmp/abq-big-model")
     parser.add_argument("--layers", type=int, default=26)
-    parser.add_argument("--parts", default="big-model,smollm2",
+    parser.add_argument("--parts", default="big-model,verify,smollm2",
                         help="which measurements to (re)run; the others are kept from the results file")
     args = parser.parse_args()
     work = Path(args.work)
@@ -143,6 +155,8 @@ def main() -> None:
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     if "big-model" in parts:
         result["big_model"] = big_model(work, args.data_dir, args.layers)
+    if "verify" in parts:
+        result["verify_big_model_abq"] = verify_big_model(work, args.data_dir)
     if "smollm2" in parts:
         result["smollm2_w4a16_g128"] = smollm2(work, args.data_dir)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
