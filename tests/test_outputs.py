@@ -435,13 +435,13 @@ def test_ctrl_c_during_model_load_does_not_claim_checkpointed_blocks(work, monke
 
 
 def test_resume_of_a_run_killed_before_its_first_block_starts_again(work, monkeypatch, capsys):
-    def interrupted_loss(*args, **kwargs):
+    def interrupted_means(*args, **kwargs):
         raise KeyboardInterrupt
 
     out = work / "out"
     shutil.rmtree(out)
     with monkeypatch.context() as patch:
-        patch.setattr(abq_method, "block_loss", interrupted_loss)
+        patch.setattr(abq_method, "batch_means", interrupted_means)
         assert abq(work, "quantize", "recipe.yaml") == 130
     assert "before any block was checkpointed" in flat(capsys.readouterr().err)
     assert (out / outputs.MARKER).is_file() and not (out / "checkpoint" / "state.json").exists()

@@ -64,7 +64,7 @@ def window_terms(y_q: torch.Tensor, y_1: torch.Tensor, y_2: torch.Tensor, p_q: t
         terms["kl_fwd"] = causal_kl(p_1, p_q)
         terms["kl_rev"] = causal_kl(p_q, p_1)
     if not terms:
-        raise ValueError("block_loss: every loss term is off (calibration.loss: enable mse, cosine or "
+        raise ValueError("the block loss: every loss term is off (calibration.loss: enable mse, cosine or "
                          "attention_kl)")
     return terms
 
