@@ -92,6 +92,10 @@ class StreamedBlocks(BlockSource):
             self.shards.write_block(index, block, layers, states)
         self.weights.release(block)
 
+    def export_shards(self):
+        self.weights.load_outside_blocks()  # for the export's last shard
+        return self.shards
+
 
 class QuantizeInterrupted(KeyboardInterrupt):
     """Ctrl-C during `run_quantize`; `advice` says whether a rerun with --resume continues the run."""
@@ -336,15 +340,13 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     if ranks.rank != 0:
         return {"rank": ranks.rank, **processes, "seconds": round(time.perf_counter() - start, 2)}
     set_kv_quant(model, adapter, result.kv_bits, rotation.kv_transform)
-    if blocks is not None:  # blockwise: what lies outside the blocks, for the export's last shard
-        blocks.weights.load_outside_blocks()
     provenance = build_provenance(recipe, source, text, result.fingerprint)
     provenance["rotation"] = rotation.provenance()
     with replacing(out_dir) as stage:  # the previous output (and the checkpoint) go once this is complete
         write_marker(stage, MARKER_KIND)
         (stage / RECIPE_YAML).write_text(recipe_yaml)
         export = ExportInput(model, tokenizer, recipe_yaml, result.kv_bits, result.layers, result.quantized,
-                             provenance, rotation.kv_transform, getattr(blocks, "shards", None))
+                             provenance, rotation.kv_transform, blocks.export_shards())
         outputs = _write_formats(stage, recipe, export)
         summary = {
             "scheme": describe(recipe),
@@ -367,15 +369,15 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
 
 
 def _load(recipe: Recipe, out_dir: Path, ranks: DataParallel):
-    """(model, tokenizer, source, block source): the whole model (block source None: the default), or
-    with `model.loading: blockwise` its skeleton and the `StreamedBlocks` that load and write each block."""
+    """(model, tokenizer, source, block source): the whole model (and the default `BlockSource`), or with
+    `model.loading: blockwise` its skeleton and the `StreamedBlocks` that load and write each block."""
     from abqcli.evaluate import check_seqlen
     from abqcli.formats.abq_packed import PackedShards
     from abqcli.models.loading import load_model, load_model_blockwise
 
     check = lambda cfg: check_seqlen(recipe.calibration.seqlen, cfg)
     if recipe.model.loading != "blockwise":
-        return (*load_model(recipe.model.path, recipe.model.dtype, "cpu", check), None)
+        return (*load_model(recipe.model.path, recipe.model.dtype, "cpu", check), BlockSource())
     model, tokenizer, source, weights = load_model_blockwise(recipe.model.path, recipe.model.dtype, check)
     shards = PackedShards(out_dir / CHECKPOINT_DIR, weights.block_prefixes) if ranks.rank == 0 else None
     return model, tokenizer, source, StreamedBlocks(weights, shards)

@@ -61,13 +61,13 @@ from abqcli.formats.manifest import (
     write_dir_atomically,
     write_manifest,
 )
-from abqcli.models.loading import attention_for
+from abqcli.models.loading import SAFETENSORS_INDEX, attention_for
 from abqcli.quant.quantizer import FP_BITS, LayerQuant, QuantizedWeight, WeightQuantSpec, qmax_for
 from abqcli.registry import FORMATS
 from abqcli.runtime import BTCLinear, require_backend
 
 PACKED_WEIGHTS = "model.safetensors"
-PACKED_INDEX = "model.safetensors.index.json"  # a sharded export (format_version 4): tensor -> shard
+PACKED_INDEX = SAFETENSORS_INDEX  # a sharded export (format_version 4): tensor -> shard
 TENSOR_FORMAT = "btc-bitplane"
 PACKED, TWIN = "packed", "fakequant"  # what `build` puts in place of each quantized linear
 
@@ -103,10 +103,9 @@ class AbqPacked:
         tensor of the state dict is written as it is, tied tensors once. With `export.shards` (a
         `PackedShards` that wrote each decoder block as it was calibrated) the blocks' shards are moved
         in and the rest of the model is written as the last shard."""
-        if export.shards is None:
-            part = packed_part(export.model.state_dict(), export.layers, export.quantized)
-        else:
-            part = None
+        # packed (and checked) before the target is touched; a blockwise run's blocks are packed already
+        part = packed_part(export.model.state_dict(), export.layers, export.quantized) if export.shards is None \
+            else None
         write_dir_atomically(Path(target), lambda tmp: self._fill(tmp, export, part), overwrite)
 
     def _fill(self, tmp: Path, export: ExportInput, part: PackedPart | None) -> None:
@@ -574,11 +573,11 @@ def _load_unquantized(model: nn.Module, export: PackedExport, tensors: dict[str,
 
 def _weight_map(directory: Path) -> dict[str, str]:
     """A sharded export's index: tensor name -> shard file name (a plain file name of the directory)."""
-    index = read_json(directory / PACKED_INDEX)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-            isinstance(v, str) and v.endswith(".safetensors") and Path(v).name == v for v in weight_map.values()):
-        raise InputError(f"{directory / PACKED_INDEX} has no valid weight_map (tensor name -> shard file name)")
+    from abqcli.models.loading import read_weight_map
+
+    weight_map = read_weight_map(directory / PACKED_INDEX)
+    if not all(v.endswith(".safetensors") and Path(v).name == v for v in weight_map.values()):
+        raise InputError(f"{directory / PACKED_INDEX}: every shard must be a .safetensors file of the directory")
     return weight_map
 
 

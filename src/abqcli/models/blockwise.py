@@ -73,7 +73,7 @@ class BlockwiseWeights:
     `aliases`: tied parameter names -> the one name the checkpoint holds them under."""
 
     def __init__(self, model: nn.Module, adapter, tensors: CheckpointTensors, dtype: torch.dtype, source: str):
-        self.model, self.adapter, self.tensors, self.dtype, self.source = model, adapter, tensors, dtype, source
+        self.model, self.tensors, self.dtype, self.source = model, tensors, dtype, source
         self.block_prefixes = [adapter.block_prefix(i) for i in range(len(adapter.blocks(model)))]
         self.aliases = _stored_names(model, set(tensors.location), source)
         self._check_shapes()
@@ -82,15 +82,17 @@ class BlockwiseWeights:
         """Every parameter's checkpoint tensor has its shape (read from the headers only)."""
         from safetensors import safe_open
 
+        wanted: dict[Path, dict[str, list[int]]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            stored = self.aliases[name]
+            wanted.setdefault(self.tensors.location[stored], {})[stored] = list(param.shape)
         wrong = []
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        for file in sorted(set(self.tensors.location.values())):
+        for file, shapes in sorted(wanted.items()):
             with safe_open(str(file), "pt") as fh:
-                for name, param in params.items():
-                    stored = self.aliases[name]
-                    if self.tensors.location[stored] == file and list(fh.get_slice(stored).get_shape()) != list(param.shape):
-                        wrong.append(f"{stored} ({fh.get_slice(stored).get_shape()} in the checkpoint, "
-                                     f"{list(param.shape)} in the model)")
+                for stored, shape in shapes.items():
+                    found = list(fh.get_slice(stored).get_shape())
+                    if found != shape:
+                        wrong.append(f"{stored} ({found} in the checkpoint, {shape} in the model)")
         if wrong:
             raise InputError(f"the checkpoint of {self.source} has weights of the wrong shape: {name_list(wrong)}")
 
@@ -189,9 +191,9 @@ def return_freed_memory_to_the_os() -> None:
 
 def load_skeleton(files: list[Path], source: str, config, dtype: torch.dtype, attention: str,
                   adapter) -> tuple[nn.Module, BlockwiseWeights]:
-    """The model of `config` with every tensor outside its decoder blocks loaded from the safetensors
-    `files` of the model `source` (named in messages) and its blocks on the meta device, with the
-    `BlockwiseWeights` that loads them."""
+    """The model of `config` on the meta device (buffers real, tied parameters tied), with the
+    `BlockwiseWeights` that loads its parameters from the safetensors `files` of the model `source`
+    (named in messages)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 

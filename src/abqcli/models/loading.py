@@ -315,18 +315,24 @@ def check_tokenizer_files(name: str, directory: Path) -> None:
         raise InputError(f"model directory has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {name}")
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file) of a sharded checkpoint's index; InputError otherwise."""
+    from abqcli.formats import read_json
+
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index} has no valid weight_map")
+    return weight_map
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors weight files of a model directory (the shards of an index, or model.safetensors);
     [] for a PyTorch-only checkpoint; InputError when there are no weights."""
-    from abqcli.formats import read_json
 
     index = directory / SAFETENSORS_INDEX
     if index.is_file():
-        weight_map = read_json(index)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise InputError(f"{index} has no valid weight_map")
-        files = [directory / shard for shard in sorted(set(weight_map.values()))]
+        files = [directory / shard for shard in sorted(set(read_weight_map(index).values()))]
         for file in files:
             if not file.is_file():
                 raise InputError(f"weight file missing: {file} (listed in {SAFETENSORS_INDEX})")

@@ -75,6 +75,11 @@ class BlockSource:
         """Block `index`, folded and back in the model dtype on the CPU, with its linears' integer states
         and schemes (by full name)."""
 
+    def export_shards(self) -> object:
+        """Once calibrated, what the exports get as `ExportInput.shards` (the model made whole where it
+        must be): None here, the model holds every block."""
+        return None
+
 
 class Progress:
     """Callbacks the loop reports through; the CLI renders them with rich. Default: silent."""
