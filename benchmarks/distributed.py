@@ -73,12 +73,12 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--set", dest="sets", action="append", default=[],
-                        help=f"recipe overrides (default: the small budget {' '.join(SMALL_BUDGET)})")
+                        help=f"recipe overrides, applied after the small budget {' '.join(SMALL_BUDGET)}")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed-smollm2.json"))
     args = parser.parse_args()
 
-    sets = args.sets or SMALL_BUDGET
+    sets = SMALL_BUDGET + args.sets  # later overrides win; batch_size 2 splits over 2 processes
     with tempfile.TemporaryDirectory() as tmp:
         outs = {n: Path(tmp) / f"p{n}" for n in (1, args.processes)}
         seconds = {n: quantize(args.recipe, sets, args.data_dir, out, n) for n, out in outs.items()}
