@@ -280,6 +280,7 @@ def quantize_cmd(
     try:
         if ranks.rank != 0:
             _quantize_other_rank(resolved, data_dir, overwrite, resume, ranks, memory_budget)
+            ranks.barrier()  # leave together: a rank tearing gloo down while rank 0 still runs could abort
             return
         _print_quantize_header(resolved, ranks)
         try:
@@ -290,6 +291,7 @@ def quantize_cmd(
         except QuantizeInterrupted as exc:
             err.print(exc.advice, markup=False, highlight=False, soft_wrap=True)
             raise
+        ranks.barrier()  # the other ranks wait here for the export (up to --dist-timeout)
     finally:
         ranks.close()
     rows = {k: v for k, v in summary.items() if k not in ("blocks", "provenance", "outputs")}
