@@ -280,20 +280,24 @@ def quantize_cmd(
     try:
         if ranks.rank != 0:
             _quantize_other_rank(resolved, data_dir, overwrite, resume, ranks, memory_budget)
-            ranks.barrier()  # leave together: a rank tearing gloo down while rank 0 still runs could abort
-            return
-        _print_quantize_header(resolved, ranks)
-        try:
-            with _progress() as progress:
-                summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress),
-                                       lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
-                                       ranks, memory_budget)
-        except QuantizeInterrupted as exc:
-            err.print(exc.advice, markup=False, highlight=False, soft_wrap=True)
-            raise
-        ranks.barrier()  # the other ranks wait here for the export (up to --dist-timeout)
+        else:
+            _print_quantize_header(resolved, ranks)
+            try:
+                with _progress() as progress:
+                    summary = run_quantize(resolved, data_dir, overwrite, resume, RichCalibrationProgress(progress),
+                                           lambda line: err.print(line, markup=False, highlight=False,
+                                                                  soft_wrap=True),
+                                           ranks, memory_budget)
+            except QuantizeInterrupted as exc:
+                err.print(exc.advice, markup=False, highlight=False, soft_wrap=True)
+                raise
+        # leave together (the others wait for rank 0's export, up to --dist-timeout): a rank tearing gloo
+        # down while rank 0 still runs could abort
+        ranks.barrier()
     finally:
         ranks.close()
+    if ranks.rank != 0:
+        return
     rows = {k: v for k, v in summary.items() if k not in ("blocks", "provenance", "outputs")}
     rows.update({f"output {k}": v for k, v in summary["outputs"].items()})
     out.print(_table("abq quantize", rows))
