@@ -8,7 +8,8 @@
 //        words; groups = 1 and gw = kw for per-channel weights).
 //
 // Quantizer, bit for bit the fp32 arithmetic of abqcli.quant.quantizer on the CPU:
-//   xmin, xmax = min / max over the row's k real columns
+//   xmin, xmax = clip * (min / max over the row's k real columns)   one fp32 multiply each (__fmul_rn:
+//                never contracted into an FMA); clip 1 leaves them as they are
 //   s = clamp((xmax - xmin) / qmax, 1e-5, 1e4)           true fp32 division
 //   z = rint(-xmin / s)                                   round half to even
 //   q = clamp(rint(x / s) + z, 0, qmax)                   true fp32 division, fp32 add
@@ -40,8 +41,8 @@ __device__ __forceinline__ float btc_load_x(const void* __restrict__ x, u64 idx)
 
 template <bool HALF>
 __device__ __forceinline__ void btc_quant_pack_body(
-    const void* __restrict__ x, const int m, const int k, const int qmax, const int pa, const int kw,
-    const int gw, const int groups, u32* __restrict__ planes, float* __restrict__ scale,
+    const void* __restrict__ x, const int m, const int k, const int qmax, const float clip, const int pa,
+    const int kw, const int gw, const int groups, u32* __restrict__ planes, float* __restrict__ scale,
     float* __restrict__ zero, int* __restrict__ sums)
 {
     __shared__ float red_lo[32];
@@ -80,6 +81,8 @@ __device__ __forceinline__ void btc_quant_pack_body(
         xmin = fminf(xmin, red_lo[w]);
         xmax = fmaxf(xmax, red_hi[w]);
     }
+    xmin = __fmul_rn(xmin, clip);
+    xmax = __fmul_rn(xmax, clip);
 
     // 2. Scale and zero point (same operation order as the torch quantizer).
     const float qf = (float)qmax;
@@ -116,17 +119,17 @@ __device__ __forceinline__ void btc_quant_pack_body(
     }
 }
 
-// (x[m, k], m, k, qmax, pa, kw, gw, groups, planes[pa, m, kw], scale[m], zero[m], sums[m, groups])
+// (x[m, k], m, k, qmax, clip, pa, kw, gw, groups, planes[pa, m, kw], scale[m], zero[m], sums[m, groups])
 extern "C" __global__ void btc_quant_pack_f32(
-    const float* __restrict__ x, int m, int k, int qmax, int pa, int kw, int gw, int groups,
+    const float* __restrict__ x, int m, int k, int qmax, float clip, int pa, int kw, int gw, int groups,
     u32* __restrict__ planes, float* __restrict__ scale, float* __restrict__ zero, int* __restrict__ sums)
 {
-    btc_quant_pack_body<false>(x, m, k, qmax, pa, kw, gw, groups, planes, scale, zero, sums);
+    btc_quant_pack_body<false>(x, m, k, qmax, clip, pa, kw, gw, groups, planes, scale, zero, sums);
 }
 
 extern "C" __global__ void btc_quant_pack_f16(
-    const u16* __restrict__ x, int m, int k, int qmax, int pa, int kw, int gw, int groups,
+    const u16* __restrict__ x, int m, int k, int qmax, float clip, int pa, int kw, int gw, int groups,
     u32* __restrict__ planes, float* __restrict__ scale, float* __restrict__ zero, int* __restrict__ sums)
 {
-    btc_quant_pack_body<true>(x, m, k, qmax, pa, kw, gw, groups, planes, scale, zero, sums);
+    btc_quant_pack_body<true>(x, m, k, qmax, clip, pa, kw, gw, groups, planes, scale, zero, sums);
 }

@@ -36,7 +36,7 @@ def _as_u32(x: int) -> int:
 
 
 def test_constants_and_plane_counts():
-    assert (FORMAT_VERSION, K_ALIGN, WORD_BITS) == (4, 128, 32)
+    assert (FORMAT_VERSION, K_ALIGN, WORD_BITS) == (5, 128, 32)
     assert [num_planes(qmax_for(b)) for b in range(1, 9)] == list(range(1, 9))
     assert num_planes(qmax_for(2, balance=True)) == 3
     assert [padded_k(k) for k in (1, 127, 128, 129, 300, 576)] == [128, 128, 128, 256, 384, 640]

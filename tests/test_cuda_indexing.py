@@ -414,8 +414,9 @@ def test_fused_epilogue_matches_cpu_epilogue(group_size):
 # ---------------------------------------------------------------------- the pack kernel, emulated
 
 
-def emulate_quant_pack(x: np.ndarray, bits: int, gw: int, groups: int):
-    """btc_quant_pack_f32: fp32 arithmetic in numpy (IEEE division, rint half-to-even), ballot packing."""
+def emulate_quant_pack(x: np.ndarray, bits: int, gw: int, groups: int, clip: float = 1.0):
+    """btc_quant_pack_f32: fp32 arithmetic in numpy (IEEE division, rint half-to-even, the range times the
+    clip ratio in fp32), ballot packing."""
     m, k = x.shape
     qmax = qmax_for(bits)
     pa = num_planes(qmax)
@@ -426,7 +427,7 @@ def emulate_quant_pack(x: np.ndarray, bits: int, gw: int, groups: int):
     sums = np.zeros((m, groups), dtype=np.int64)
     f32 = np.float32
     for row in range(m):
-        xmin, xmax = x[row].min(), x[row].max()
+        xmin, xmax = f32(x[row].min() * f32(clip)), f32(x[row].max() * f32(clip))
         qf = f32(qmax)
         s = f32(f32(xmax - xmin) / qf)
         s = np.fmin(np.fmax(s, f32(1e-5)), f32(1e4))
@@ -448,8 +449,9 @@ def emulate_quant_pack(x: np.ndarray, bits: int, gw: int, groups: int):
     return planes, scale, zero, sums
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.9])
 @pytest.mark.parametrize("bits,k,group_size", [(4, 576, None), (8, 640, 128), (6, 300, 256)])
-def test_quant_pack_indexing_matches_cpu_quantizer(bits, k, group_size):
+def test_quant_pack_indexing_matches_cpu_quantizer(bits, k, group_size, clip):
     gen = torch.Generator().manual_seed(bits * 100 + k)
     x = torch.randn(4, k, generator=gen) * torch.tensor([[1.0], [30.0], [1e-3], [5.0]])
     x[3] = x[3].abs() + 2.0  # all-positive row: negative zero point
@@ -457,14 +459,14 @@ def test_quant_pack_indexing_matches_cpu_quantizer(bits, k, group_size):
     if bits == 4:
         x[0] = torch.arange(k, dtype=torch.float32) % 16
         x[0, 1:9] = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 12.5, 13.5, 14.5])
-    codes, s_ref, z_ref = quantize_activation(x, bits)
+    codes, s_ref, z_ref = quantize_activation(x, bits, clip)
     gw, groups = _layout(k, group_size)
-    planes, scale, zero, sums = emulate_quant_pack(x.numpy(), bits, gw, groups)
+    planes, scale, zero, sums = emulate_quant_pack(x.numpy(), bits, gw, groups, clip)
     np.testing.assert_array_equal(planes, _words(pack_planes(codes, qmax_for(bits))))
     np.testing.assert_array_equal(sums, group_code_sums(codes, group_size).numpy())
     np.testing.assert_array_equal(scale, s_ref.reshape(-1).numpy())
     np.testing.assert_array_equal(zero, z_ref.reshape(-1).numpy())
-    s2, z2 = activation_qparams(x, bits)
+    s2, z2 = activation_qparams(x, bits, clip)
     np.testing.assert_array_equal(scale, s2.reshape(-1).numpy())
     np.testing.assert_array_equal(zero, z2.reshape(-1).numpy())
 
@@ -527,6 +529,7 @@ def kernel_signatures() -> dict[str, list[tuple[str, str, bool]]]:
 
 class _FakeCupy:
     int32 = np.int32
+    float32 = np.float32
 
 
 class _FakeKernel:
@@ -542,8 +545,9 @@ class _FakeKernel:
                 assert value.dtype == _C_TYPES[base], f"{self.name}.{pname}: {value.dtype} for {base}*"
                 assert value.is_contiguous()
             else:
-                assert base == "int" and isinstance(value, np.int32), f"{self.name}.{pname}: {type(value)}"
-                value = int(value)
+                scalar = {"int": np.int32, "float": np.float32}[base]
+                assert isinstance(value, scalar), f"{self.name}.{pname}: {type(value)} for {base}"
+                value = scalar(value)
             a[pname] = value
         assert all(g >= 1 for g in grid) and grid[1] <= 65535 and grid[2] == 1
         assert block[0] % 32 == 0 and block[0] <= 1024 and 0 <= shared_mem <= bc.SMEM_LIMIT
@@ -554,7 +558,7 @@ class _FakeKernel:
         qmax = a["qmax"]
         bits = {15: 4, 63: 6, 255: 8, 3: 2, 7: 3, 1: 1, 31: 5, 127: 7}[qmax]
         x = a["x"].float().reshape(a["m"], a["k"]).numpy()
-        planes, scale, zero, sums = emulate_quant_pack(x, bits, a["gw"], a["groups"])
+        planes, scale, zero, sums = emulate_quant_pack(x, bits, a["gw"], a["groups"], a["clip"])
         assert planes.shape == (a["pa"], a["m"], a["kw"])
         a["planes"].copy_(
             torch.from_numpy(planes.astype(np.uint32).view(np.int32)).reshape(a["planes"].shape)
@@ -716,8 +720,11 @@ def test_launcher_quantize_pack(fake_gpu):
         assert torch.equal(planes, pack_planes(codes, qmax_for(bits)))
         assert torch.equal(scale, s.reshape(-1)) and torch.equal(zero, z.reshape(-1))
         assert torch.equal(sums, group_code_sums(codes, group_size))
+    codes, s, z = quantize_activation(x, 4, 0.9)
+    planes, scale, zero, _ = bc.quantize_pack_activations(x, 4, None, clip=0.9)
+    assert torch.equal(planes, pack_planes(codes, qmax_for(4))) and torch.equal(scale, s.reshape(-1))
     bc.quantize_pack_activations(x.half(), 6, None)
-    assert fake_gpu == ["btc_quant_pack_f32", "btc_quant_pack_f32", "btc_quant_pack_f16"]
+    assert fake_gpu == ["btc_quant_pack_f32"] * 3 + ["btc_quant_pack_f16"]
 
 
 @pytest.mark.parametrize("kernel", ["mma", "popc"])
@@ -739,6 +746,10 @@ def test_launcher_btc_linear(fake_gpu, kernel, w_bits, balance, a_bits, group_si
     got = bc.btc_linear(x, w, a_bits, bias=bias, kernel=kernel)
     assert got.shape == want.shape == (2, 2, n) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    clipped = bc.btc_linear(x, w, a_bits, bias=bias, kernel=kernel, act_clip=0.9)
+    want_clipped = gemm.btc_linear(x, w, a_bits, bias=bias, backend="cpu", act_clip=0.9)
+    torch.testing.assert_close(clipped, want_clipped, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert not torch.allclose(clipped, got)
     got_h = bc.btc_linear(x.half(), w, a_bits, kernel=kernel)
     want_h = gemm.btc_linear(x.half(), w, a_bits, backend="cpu")
     assert got_h.dtype == torch.float16

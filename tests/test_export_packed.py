@@ -135,7 +135,7 @@ def test_round_trip_logits(arch, scheme, tiny_models, tmp_path):
     assert len(btc) == len(manifest["layers"]) == (14 if arch == "llama" else 12)
     assert {m.packed.planes.shape[0] for m in btc.values()} == {planes}
     assert {m.act_bits for m in btc.values()} == {lq.act_bits}
-    assert manifest["format"] == "abq-packed" and manifest["format_version"] == FORMAT_VERSION == 4
+    assert manifest["format"] == "abq-packed" and manifest["format_version"] == FORMAT_VERSION == 5
     assert manifest["kv_bits"] == kv_bits
     layer = next(iter(manifest["layers"].values()))
     assert layer["planes"] == planes and layer["bytes"]["total"] > 0
@@ -174,7 +174,7 @@ def test_directory_contents(tiny_llama, tmp_path):
     assert mode == (out / "recipe.yaml").stat().st_mode & 0o777  # not safetensors' 0600
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
-    assert (qc["quant_method"], qc["format"], qc["format_version"], qc["kv_bits"]) == ("abq", "btc-bitplane", 4, 4)
+    assert (qc["quant_method"], qc["format"], qc["format_version"], qc["kv_bits"]) == ("abq", "btc-bitplane", 5, 4)
     meta = qc["modules"]["model.layers.0.mlp.down_proj"]
     assert meta == {"bits": 4, "balance": False, "group_size": None, "in_features": 128, "out_features": 64,
                     "act_bits": 4}

@@ -63,3 +63,23 @@ def test_a_decoder_written_from_format_md_recovers_every_weight(tiny_llama, tmp_
     for name, meta in modules.items():
         expected = states[name].dequantize().numpy()
         np.testing.assert_array_equal(decode_weight(tensors, name, meta), expected)
+
+
+@pytest.mark.parametrize("bits,clip", [(4, 1.0), (4, 0.9), (6, 0.75), (8, 0.5)])
+def test_the_activation_quantizer_of_format_md_is_abqs(bits, clip):
+    """§1 in float32 numpy: lo = r·min(x), hi = r·max(x), s = clamp((hi − lo)/qmax, 1e-5, 1e4),
+    z = round(−lo/s), q = clamp(round(x/s) + z, 0, qmax), r the float32 value of `act_clip`."""
+    import torch
+
+    from abqcli.quant.quantizer import quantize_activation
+
+    x = (np.random.default_rng(bits).standard_normal((16, 576)) * np.linspace(0.01, 50, 16)[:, None]).astype(np.float32)
+    f32, r, qmax = np.float32, np.float32(clip), 2**bits - 1
+    lo, hi = (x.min(axis=1, keepdims=True) * r).astype(f32), (x.max(axis=1, keepdims=True) * r).astype(f32)
+    s = np.clip((hi - lo) / f32(qmax), f32(1e-5), f32(1e4)).astype(f32)
+    z = np.rint(-lo / s).astype(f32)
+    q = np.clip(np.rint(x / s) + z, 0, qmax).astype(np.uint8)
+    codes, scale, zero = quantize_activation(torch.from_numpy(x), bits, clip)
+    np.testing.assert_array_equal(codes.numpy(), q)
+    np.testing.assert_array_equal(scale.numpy(), s)
+    np.testing.assert_array_equal(zero.numpy(), z)

@@ -243,6 +243,22 @@ def test_per_token_activation_hand_case():
     torch.testing.assert_close(fake_quantize_activation(x, 4), x, rtol=0, atol=1e-6)
 
 
+def test_activation_clip_shrinks_each_tokens_range_and_saturates_beyond_it():
+    """clip 0.5 on the hand case's row [-1, 0, 0.6, 2]: range [-0.5, 1], s = 0.1, z = 5; -1 and 2 saturate
+    at codes 0 and 15, 0 and 0.6 keep their exact grid points."""
+    x = torch.tensor([[-1.0, 0.0, 0.6, 2.0]])
+    scale, zero = activation_qparams(x, 4, 0.5)
+    torch.testing.assert_close(scale.flatten(), torch.tensor([0.1]), rtol=1e-6, atol=0)
+    assert zero.flatten().tolist() == [5]
+    codes, s2, z2 = quantize_activation(x, 4, 0.5)
+    assert codes.tolist() == [[0, 5, 11, 15]] and torch.equal(s2, scale) and torch.equal(z2, zero)
+    torch.testing.assert_close(fake_quantize_activation(x, 4, 0.5), torch.tensor([[-0.5, 0.0, 0.6, 1.0]]),
+                               rtol=0, atol=1e-6)
+    torch.manual_seed(6)
+    y = torch.randn(8, 64)
+    assert torch.equal(fake_quantize_activation(y, 4, 1.0), fake_quantize_activation(y, 4))
+
+
 def test_per_token_tokens_are_independent():
     torch.manual_seed(6)
     x = torch.randn(2, 5, 16)

@@ -118,3 +118,83 @@ def test_unknown_rotation_is_a_recipe_error(tiny_llama, tiny_text_file, tmp_path
     line = error_line(capsys.readouterr().err)
     assert rc == 2
     assert "calibration.rotation" in line and "hadamard" in line
+
+
+# ------------------------------------------------------------------------------- activation clipping
+
+
+@pytest.fixture(scope="module")
+def clipped_run(tmp_path_factory, tiny_llama, tiny_text_file) -> Path:
+    """W4A4 rotated, ABQ-calibrated with `activations.clip: 0.9` and `kv.clip: 0.8`, both formats."""
+    work = tmp_path_factory.mktemp("clipped")
+    recipe = write_recipe(work, tiny_llama, tiny_text_file, extra="activations: {clip: 0.9}\nkv: {clip: 0.8}",
+                          calibration=ROTATED)
+    recipe.write_text(recipe.read_text().replace("output: {dir: out, formats: [hf-fakequant]}", FORMATS))
+    assert abq(work, "quantize", recipe) == 0
+    return work / "out"
+
+
+def test_clipped_export_records_the_clip_ratio_and_verifies(clipped_run, no_data_dir_env):
+    from abqcli.formats.abq_packed import load_packed
+    from abqcli.verify import verify_export
+
+    for fmt in ("abq-packed", "hf-fakequant"):
+        manifest = json.loads((clipped_run / fmt / "abq.json").read_text())
+        assert {meta.get("act_clip") for meta in manifest["layers"].values()} == {0.9}
+        assert manifest["kv_clip"] == 0.8
+    config = json.loads((clipped_run / "abq-packed" / "config.json").read_text())["quantization_config"]
+    assert {meta["act_clip"] for meta in config["modules"].values()} == {0.9} and config["kv_clip"] == 0.8
+    packed, _, _ = load_packed(clipped_run / "abq-packed")
+    linears = [m for m in packed.modules() if hasattr(m, "act_clip")]
+    assert len(linears) == 14 and {m.act_clip for m in linears} == {0.9}
+    assert {m.abq_kv_clip for m in packed.modules() if hasattr(m, "abq_kv_bits")} == {0.8}
+    report = verify_export(clipped_run / "abq-packed", seqlen=32, windows=2)
+    assert report.ok, report.problems
+    assert report.layers_integer_exact == report.layers_integer_checked == 14
+
+
+def test_clipped_packed_and_fakequant_exports_agree_and_differ_from_unclipped(clipped_run, rotated_runs,
+                                                                              tiny_text_file):
+    from abqcli.formats.abq_packed import load_packed
+    from abqcli.formats.hf_fakequant import open_fakequant
+
+    window = first_window(clipped_run / "hf-fakequant", tiny_text_file)
+    packed, _, _ = load_packed(clipped_run / "abq-packed")
+    fakequant, _, _ = open_fakequant(clipped_run / "hf-fakequant", "float32", "cpu")
+    unclipped, _, _ = load_packed(rotated_runs["llama"] / "abq-packed")
+    with torch.no_grad():
+        logits = packed(window).logits
+        torch.testing.assert_close(logits, fakequant(window).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(logits, unclipped(window).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_a_bad_clip_ratio_in_the_metadata_is_refused(clipped_run):
+    from abqcli.errors import InputError
+    from abqcli.formats.manifest import kv_clip_of, layer_quant_from_meta
+
+    meta = json.loads((clipped_run / "abq-packed" / "abq.json").read_text())["layers"]["model.layers.0.mlp.up_proj"]
+    assert layer_quant_from_meta(meta).act_clip == 0.9
+    assert layer_quant_from_meta({k: v for k, v in meta.items() if k != "act_clip"}).act_clip == 1.0
+    for bad in (0, 1.5, "0.9", True):
+        with pytest.raises(InputError, match="act_clip must be a number above 0, up to 1"):
+            layer_quant_from_meta({**meta, "act_clip": bad})
+        with pytest.raises(InputError, match="kv_clip must be a number above 0, up to 1"):
+            kv_clip_of({"kv_clip": bad})
+    assert kv_clip_of({}) == 1.0
+
+
+@pytest.mark.parametrize("section", ["activations", "kv"])
+@pytest.mark.parametrize("clip", ["0", "1.5", "'0.9'"])
+def test_a_bad_clip_ratio_in_the_recipe_is_one_line(tiny_llama, tiny_text_file, tmp_path, capsys, section, clip):
+    recipe = write_recipe(tmp_path, tiny_llama, tiny_text_file, extra=f"{section}: {{clip: {clip}}}")
+    assert abq(tmp_path, "quantize", recipe) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"{section}.clip" in line and "a number above 0, up to 1" in line
+
+
+def test_compressed_tensors_refuses_activation_clipping(tiny_llama, tiny_text_file, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, tiny_llama, tiny_text_file, scheme="w8a8",
+                          extra="activations: {clip: 0.9}\nkv: {bits: 16}")
+    recipe.write_text(recipe.read_text().replace("formats: [hf-fakequant]", "formats: [compressed-tensors]"))
+    assert abq(tmp_path, "quantize", recipe) == 2
+    assert "compressed-tensors cannot hold abq's activation clipping" in error_line(capsys.readouterr().err)

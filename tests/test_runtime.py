@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from abqcli.btc.format import PackedWeight
+from abqcli.btc.format import FORMAT_VERSION, PackedWeight
 from abqcli.btc.gemm import btc_linear
 from abqcli.errors import InputError
 from abqcli.quant.quantizer import WeightQuantSpec, fake_quantize_activation, quantize_weight
@@ -135,14 +135,14 @@ def test_missing_file_refused(packed_copy):
 
 def test_newer_format_version_in_manifest_refused(packed_copy):
     manifest = json.loads((packed_copy / "abq.json").read_text())
-    manifest["format_version"] = 5
+    manifest["format_version"] = FORMAT_VERSION + 1
     (packed_copy / "abq.json").write_text(json.dumps(manifest))
-    message = _one_line_error(packed_copy, "format_version 5")
-    assert "reads up to 4" in message and "upgrade abq" in message
+    message = _one_line_error(packed_copy, f"format_version {FORMAT_VERSION + 1}")
+    assert f"reads up to {FORMAT_VERSION}" in message and "upgrade abq" in message
 
 
 def _rewrite_as_version(directory: Path, version: int) -> None:
-    """Turn a version-4 export into what abq wrote as `version` (1 or 2): float32 scales and zero
+    """Turn a current export into what abq wrote as `version` (1 or 2): float32 scales and zero
     points, int32 code sums beside them; config.json and abq.json say `version`, sealed again."""
     from abqcli.btc.format import packed_weight_from_tensors
     from test_export_packed import write_sealed_manifest
@@ -191,7 +191,7 @@ def test_newer_format_version_in_config_refused(packed_copy):
     (packed_copy / "config.json").write_text(json.dumps(config))
     _one_line_error(packed_copy, "checksum mismatch")
     fix_checksum(packed_copy, "config.json")
-    _one_line_error(packed_copy, "config.json: btc-bitplane format_version 7; .* reads versions 1 to 4: upgrade abq")
+    _one_line_error(packed_copy, "config.json: btc-bitplane format_version 7; .* reads versions 1 to 5: upgrade abq")
 
 
 def test_wrong_quant_method_refused(packed_copy):

@@ -122,7 +122,8 @@ def open_model(name, dtype, device, recipe=None, backend="cpu", check_config=Non
     cal = recipe.calibration
     rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None,
                             recipe.kv_bits)
-    apply_rtn(model, adapter, rotation.layer_quant(recipe.layer_quant), recipe.kv_bits, rotation.kv_transform)
+    apply_rtn(model, adapter, rotation.layer_quant(recipe.layer_quant), recipe.kv_bits, rotation.kv_transform,
+              recipe.kv_clip)
     rotated = f", {cal.rotation} rotation" if cal.rotation != NONE else ""
     return OpenedModel(model, tokenizer, source.describe(), f"fake-quant RTN {describe(recipe)}{rotated}")
 

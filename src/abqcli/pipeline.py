@@ -339,14 +339,14 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
                  "windows_per_process": len(calibrator.local)}
     if ranks.rank != 0:
         return {"rank": ranks.rank, **processes, "seconds": round(time.perf_counter() - start, 2)}
-    set_kv_quant(model, adapter, result.kv_bits, rotation.kv_transform)
+    set_kv_quant(model, adapter, result.kv_bits, rotation.kv_transform, recipe.kv_clip)
     provenance = build_provenance(recipe, source, text, result.fingerprint)
     provenance["rotation"] = rotation.provenance()
     with replacing(out_dir) as stage:  # the previous output (and the checkpoint) go once this is complete
         write_marker(stage, MARKER_KIND)
         (stage / RECIPE_YAML).write_text(recipe_yaml)
         export = ExportInput(model, tokenizer, recipe_yaml, result.kv_bits, result.layers, result.quantized,
-                             provenance, rotation.kv_transform, blocks.export_shards())
+                             provenance, rotation.kv_transform, blocks.export_shards(), recipe.kv_clip)
         outputs = _write_formats(stage, recipe, export)
         summary = {
             "scheme": describe(recipe),

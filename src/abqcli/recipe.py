@@ -278,6 +278,7 @@ ActBits = _int(A_BITS_MIN, A_BITS_MAX)
 GroupSize = Annotated[Annotated[int, Strict(), Field(gt=0, le=MAX_GROUP_SIZE)] | None,
                       _expect(f"null (per channel) or a positive integer up to {MAX_GROUP_SIZE}")]
 Rate = _number("a positive number", gt=0)
+ClipRatio = _number("a number above 0, up to 1", gt=0.0, le=1.0)
 Name = _text("a non-empty string")
 Names = Annotated[list[Name], Strict(), _expect("a list of strings", items=True)]
 Scheme = Annotated[str, Strict(), _expect("null or a scheme such as w4a16 or w2*a8"), AfterValidator(_scheme)]
@@ -324,16 +325,20 @@ class WeightSpec:
 
 @dataclass(config=_SECTION)
 class ActivationSpec:
-    """Per-token dynamic activation quantization at the input of every quantized linear."""
+    """Per-token dynamic activation quantization at the input of every quantized linear; `clip` scales
+    each token's range (QuaRot's activation clipping: 0.9 keeps 90 % of min and max, the rest saturates)."""
 
     bits: ActBits = FP_BITS  # FP_BITS = not quantized
+    clip: ClipRatio = 1.0
 
 
 @dataclass(config=_SECTION)
 class KVSpec:
-    """q, k, v quantization; `bits` None = same as the activations, FP_BITS = off."""
+    """q, k, v quantization; `bits` None = same as the activations, FP_BITS = off; `clip`: the clip ratio
+    of their per-token quantizer (as `activations.clip`)."""
 
     bits: ActBits | None = None
+    clip: ClipRatio = 1.0
 
 
 class WeightOverride(TypedDict, total=False):
@@ -495,6 +500,11 @@ class Recipe:
         return self.kv.bits if self.kv.bits is not None else self.activations.bits
 
     @property
+    def kv_clip(self) -> float:
+        """The clip ratio of the q/k/v quantizer: `kv.clip`, or 1 when kv is not quantized."""
+        return self.kv.clip if self.kv_bits < FP_BITS else 1.0
+
+    @property
     def epochs(self) -> int:
         """Training epochs per block: the written value or the scheme's reference default."""
         if self.calibration.epochs is not None:
@@ -512,7 +522,8 @@ class Recipe:
         for p in patterns:
             weight = dataclasses.replace(weight, **self.overrides[p].get("weights", {}))
             act_bits = self.overrides[p].get("activations", {}).get("bits", act_bits)
-        return LayerQuant(weight, act_bits)
+        clip = self.activations.clip if act_bits < FP_BITS else 1.0  # a weight-only layer has no quantizer
+        return LayerQuant(weight, act_bits, act_clip=clip)
 
     def layer_quant(self, module_name: str) -> LayerQuant | None:
         """Resolve the quantization of one linear module (full dotted name, e.g.

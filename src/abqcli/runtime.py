@@ -17,18 +17,19 @@ from abqcli.registry import BACKENDS
 class BTCLinear(nn.Module):
     """A quantized linear that runs from its BTC bit planes on a GEMM backend (`abqcli.btc.backends`).
 
-    forward = the backend's `linear(x', packed, act_bits, bias)` on x' = the layer's online input transform
-    of x (`input_transform`, e.g. the Hadamard transform of a rotated model's down_proj; none by default):
-    per-token activation quantization, exact integer GEMM and the affine epilogue; weight-only (A16)
+    forward = the backend's `linear(x', packed, act_bits, bias, act_clip)` on x' = the layer's online input
+    transform of x (`input_transform`, e.g. the Hadamard transform of a rotated model's down_proj; none by
+    default): per-token activation quantization (clip ratio `act_clip`), exact integer GEMM and the affine epilogue; weight-only (A16)
     layers dequantize and run a float matmul.
     The packed tensors stay on the CPU (the backend keeps any device copy it needs). `backend` names a
     registered backend (`abqcli.registry.BACKENDS`); an unknown one is an InputError.
     """
 
     def __init__(self, packed: PackedWeight, act_bits: int, bias: torch.Tensor | None = None,
-                 backend: str = "cpu", input_transform: str | None = None):
+                 backend: str = "cpu", input_transform: str | None = None, act_clip: float = 1.0):
         super().__init__()
         self.input_transform = input_transform
+        self.act_clip = float(act_clip)
         self.gemm: GemmBackend = BACKENDS.load(backend)
         self.packed = packed
         self.act_bits = int(act_bits)
@@ -48,13 +49,14 @@ class BTCLinear(nn.Module):
         return apply_input_transform(x, self.input_transform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gemm.linear(self.transform_input(x), self.packed, self.act_bits, self.bias)
+        return self.gemm.linear(self.transform_input(x), self.packed, self.act_bits, self.bias, self.act_clip)
 
     def extra_repr(self) -> str:
         pw = self.packed
         scheme = scheme_label(pw.bits, pw.balance, pw.group_size, self.act_bits)
         online = f", online {self.input_transform}" if self.input_transform else ""
-        return (f"{self.in_features}->{self.out_features}, {scheme}{online}, {pw.planes.shape[0]} planes, "
+        clip = f", clip {self.act_clip:g}" if self.act_clip != 1.0 else ""
+        return (f"{self.in_features}->{self.out_features}, {scheme}{online}{clip}, {pw.planes.shape[0]} planes, "
                 f"backend={self.backend}")
 
 

@@ -132,20 +132,21 @@ def _synthetic_rows(in_features: int, rows: int) -> torch.Tensor:
     return torch.randn(rows, in_features, generator=torch.Generator().manual_seed(in_features))
 
 
-def _integer_check(x: torch.Tensor, pw, act_bits: int, gemm: GemmBackend) -> tuple[bool, torch.Tensor, tuple]:
+def _integer_check(x: torch.Tensor, pw, act_bits: int, act_clip: float,
+                   gemm: GemmBackend) -> tuple[bool, torch.Tensor, tuple]:
     """(identical?, the backend's accumulators [M, N, G], activation qparams) for one layer: the backend's
     own activation quantize+pack step (where it has one) and its bit-plane GEMM against the reference."""
     from abqcli.btc.format import group_code_sums, pack_planes
     from abqcli.btc.gemm import int_gemm
     from abqcli.quant.quantizer import qmax_for, quantize_activation
 
-    codes, scale, zero = quantize_activation(x, act_bits)
+    codes, scale, zero = quantize_activation(x, act_bits, act_clip)
     ref = int_gemm(codes, pw.codes(), pw.group_size)
     a_planes = pack_planes(codes, qmax_for(act_bits))
     group_words = pw.group_size // 32 if pw.group_size else None
     sums = group_code_sums(codes, pw.group_size)
     exact = True
-    own = gemm.quantize_pack(x, act_bits, pw.group_size)
+    own = gemm.quantize_pack(x, act_bits, pw.group_size, act_clip)
     if own is not None:
         g_planes, g_scale, g_zero, g_sums = (t.cpu() for t in own)
         exact = (torch.equal(g_planes, a_planes) and torch.equal(g_sums, sums)
@@ -158,11 +159,11 @@ def _check_layer(name: str, module, x: torch.Tensor, gemm: GemmBackend) -> dict:
     from abqcli.btc.gemm import epilogue
     from abqcli.quant.quantizer import FP_BITS, fake_quantize_activation
 
-    pw, act_bits = module.packed, module.act_bits
+    pw, act_bits, act_clip = module.packed, module.act_bits, module.act_clip
     x = module.transform_input(x)  # what the activation quantizer sees (a rotated model's online transform)
     weight = pw.to_quantized().dequantize()
-    y_ref = F.linear(fake_quantize_activation(x, act_bits), weight)
-    y = gemm.linear(x, pw, act_bits, None).float().cpu()
+    y_ref = F.linear(fake_quantize_activation(x, act_bits, act_clip), weight)
+    y = gemm.linear(x, pw, act_bits, None, act_clip).float().cpu()
     result = {
         "name": name,
         "bits": pw.bits,
@@ -177,7 +178,7 @@ def _check_layer(name: str, module, x: torch.Tensor, gemm: GemmBackend) -> dict:
     if act_bits >= FP_BITS:
         result.update(integer_exact=None, integer_check="n/a (weight-only layer: dequantized matmul)")
         return result
-    exact, acc, (scale, zero, sums) = _integer_check(x, pw, act_bits, gemm)
+    exact, acc, (scale, zero, sums) = _integer_check(x, pw, act_bits, act_clip, gemm)
     y_epi = epilogue(acc, scale.reshape(-1), zero.reshape(-1), sums, pw)
     result.update(
         integer_exact=bool(exact),

@@ -339,8 +339,9 @@ def int_gemm_planes(
     return acc if a_planes.is_cuda else acc.cpu()
 
 
-def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int):
-    """x contiguous fp32/fp16 [M, K] on the GPU -> (planes, scale, zero, sums) on the same device."""
+def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int, clip: float = 1.0):
+    """x contiguous fp32/fp16 [M, K] on the GPU -> (planes, scale, zero, sums) on the same device
+    (per-token ranges scaled by the clip ratio `clip`)."""
     cp = _import_cupy()
     m = x.shape[0]
     qmax = qmax_for(bits)
@@ -363,6 +364,7 @@ def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int):
             cp.int32(m),
             cp.int32(k),
             cp.int32(qmax),
+            cp.float32(clip),
             cp.int32(pa),
             cp.int32(kw),
             cp.int32(gw),
@@ -377,11 +379,12 @@ def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int):
     return planes, scale, zero, sums
 
 
-def quantize_pack_activations(x: torch.Tensor, bits: int, group_size: int | None = None):
-    """Per-token quantization + bit-plane packing of x [M, K] (fp32, or fp16; others go through fp32).
+def quantize_pack_activations(x: torch.Tensor, bits: int, group_size: int | None = None, clip: float = 1.0):
+    """Per-token quantization (clip ratio `clip`) + bit-plane packing of x [M, K] (fp32, or fp16; others
+    go through fp32).
 
     Returns (planes int32 [Pa, M, Kp/32], scale f32 [M], zero f32 [M], sums int32 [M, G]) on x's device,
-    bit for bit `pack_planes(quantize_activation(x))` with `group_code_sums(codes, group_size)`.
+    bit for bit `pack_planes(quantize_activation(x, bits, clip))` with `group_code_sums(codes, group_size)`.
     """
     _require()
     if x.dim() != 2:
@@ -392,7 +395,7 @@ def quantize_pack_activations(x: torch.Tensor, bits: int, group_size: int | None
     device = _cuda_device(x)
     dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
     with torch.cuda.device(device), _OnTorchStream(device):
-        out = _quant_pack(_on(x.detach(), device, dtype), bits, k, gw, groups)
+        out = _quant_pack(_on(x.detach(), device, dtype), bits, k, gw, groups, clip)
     return out if x.is_cuda else tuple(t.cpu() for t in out)
 
 
@@ -431,7 +434,8 @@ def _device_weight(w: PackedWeight, device: torch.device) -> _DeviceWeight:
 
 
 def btc_linear(
-    x: torch.Tensor, w: PackedWeight, act_bits: int, bias: torch.Tensor | None = None, kernel: str = "mma"
+    x: torch.Tensor, w: PackedWeight, act_bits: int, bias: torch.Tensor | None = None, kernel: str = "mma",
+    act_clip: float = 1.0,
 ) -> torch.Tensor:
     """The packed linear layer on the GPU: x [..., K] -> [..., N] in x's dtype, on x's device.
 
@@ -455,7 +459,7 @@ def btc_linear(
         x2 = _on(x.detach().reshape(-1, w.in_features), device, torch.float16 if half else torch.float32)
         y = torch.empty((x2.shape[0], w.out_features), dtype=x2.dtype, device=device)
         if x2.shape[0]:
-            _launch_linear(x2, w, act_bits, bias, y, kernel)
+            _launch_linear(x2, w, act_bits, bias, y, kernel, act_clip)
     y = y.reshape(*x.shape[:-1], w.out_features)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -463,7 +467,8 @@ def btc_linear(
 
 
 def _launch_linear(
-    x2: torch.Tensor, w: PackedWeight, act_bits: int, bias: torch.Tensor | None, y: torch.Tensor, kernel: str
+    x2: torch.Tensor, w: PackedWeight, act_bits: int, bias: torch.Tensor | None, y: torch.Tensor, kernel: str,
+    act_clip: float,
 ) -> None:
     """Quantize + pack x2 [M, K] (fp32/fp16 on the GPU), then the GEMM and epilogue into y [M, N]."""
     cp = _import_cupy()
@@ -471,7 +476,7 @@ def _launch_linear(
     dw = _device_weight(w, device)
     pw, _, kw = dw.planes.shape
     gw, groups = group_layout(kw, k, w.group_size)
-    a_planes, a_scale, a_zero, a_sums = _quant_pack(x2, act_bits, k, gw, groups)
+    a_planes, a_scale, a_zero, a_sums = _quant_pack(x2, act_bits, k, gw, groups, act_clip)
     pa = a_planes.shape[0]
     has_bias = bias is not None
     b = _on(bias, device, torch.float32) if has_bias else a_scale  # any float array as a stand-in

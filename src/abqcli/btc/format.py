@@ -1,4 +1,4 @@
-"""BTC bit-plane format, version 4 (version 3's tensors, which may be sharded; DESIGN §5; the public description is docs/FORMAT.md).
+"""BTC bit-plane format, version 5 (version 3's tensors, which may be sharded, and a clip ratio per activation quantizer; DESIGN §5; the public description is docs/FORMAT.md).
 
 Codes are unsigned integers in [0, qmax]; a weight [N, K] is stored as `num_planes(qmax)` bit planes.
 K is padded with code 0 to Kp, a multiple of `K_ALIGN` (128; the constants are `abqcli.btc.contract`);
@@ -31,7 +31,7 @@ from abqcli.quant.quantizer import CentredWeight, QuantizedWeight, WeightQuantSp
 
 # 2: a module may name the online transform before its activation quantizer; 3: float16 scales,
 # bit-packed zero points, no stored code sums
-FORMAT_VERSION = 4  # 4: the tensors may be sharded (model.safetensors.index.json)
+FORMAT_VERSION = 5  # 4: the tensors may be sharded (model.safetensors.index.json); 5: act_clip per layer
 LEAN_VERSION = 3  # the first version with the lean tensors
 
 _SUFFIXES = {

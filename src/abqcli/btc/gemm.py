@@ -176,6 +176,7 @@ def btc_linear(
     act_bits: int,
     bias: torch.Tensor | None = None,
     backend: str = "cpu",
+    act_clip: float = 1.0,
 ) -> torch.Tensor:
     """A packed linear layer on the GEMM backend registered as `backend`: x [..., K] -> [..., N] in x's
     dtype (`GemmBackend.linear`). act_bits < 16: per-token activation quantization, exact integer GEMM,
@@ -183,4 +184,4 @@ def btc_linear(
     (weight-only): the dequantized weight in a plain float matmul, any group size."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown BTC backend {backend!r} (expected one of {', '.join(BACKENDS.names())})")
-    return BACKENDS.load(backend).linear(x, w, act_bits, bias)
+    return BACKENDS.load(backend).linear(x, w, act_bits, bias, act_clip)

@@ -42,7 +42,8 @@ class ExportInput:
     integer state; `provenance` is recorded as it is in abq.json; `kv_transform`: the online transform
     of q and k before their quantizer (a rotated model with quantized kv), None for none; `shards`: a
     blockwise run's `abq_packed.PackedShards`, which already holds every decoder block (the model's
-    blocks are then not loaded, and `quantized` is empty): only abq-packed takes it."""
+    blocks are then not loaded, and `quantized` is empty): only abq-packed takes it; `kv_clip`: the clip
+    ratio of the q/k/v quantizer."""
 
     model: nn.Module
     tokenizer: Any
@@ -53,6 +54,7 @@ class ExportInput:
     provenance: dict
     kv_transform: str | None = None
     shards: Any = None
+    kv_clip: float = 1.0
 
 
 class OutputFormat(Protocol):

@@ -53,6 +53,7 @@ from abqcli.formats import (
 from abqcli.formats.manifest import (
     base_manifest,
     check_format,
+    kv_clip_of,
     kv_transform_of,
     layer_meta,
     layer_quant_from_meta,
@@ -116,7 +117,7 @@ class AbqPacked:
             save_tensors(part.tensors, tmp / PACKED_WEIGHTS)
         config = _model_config_dict(model, tmp)
         config["quantization_config"] = _quantization_config(part.modules, export.kv_bits, part.tied,
-                                                             export.kv_transform)
+                                                             export.kv_transform, export.kv_clip)
         (tmp / CONFIG_JSON).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
@@ -128,7 +129,8 @@ class AbqPacked:
         (tmp / RECIPE_YAML).write_text(export.recipe_yaml)
         for weights in tmp.glob("*.safetensors"):
             shutil.copymode(tmp / RECIPE_YAML, weights)  # safetensors creates it 0600
-        manifest = base_manifest(self, export.kv_bits, part.layers, export.provenance, export.kv_transform)
+        manifest = base_manifest(self, export.kv_bits, part.layers, export.provenance, export.kv_transform,
+                                 export.kv_clip)
         manifest["tensor_format"] = TENSOR_FORMAT
         write_manifest(tmp, manifest)
 
@@ -250,7 +252,7 @@ def _packed_weights(layers: dict[str, LayerQuant], quantized: dict[str, Quantize
 
 
 def _quantization_config(modules: dict[str, dict], kv_bits: int, tied: dict[str, str],
-                         kv_transform: str | None) -> dict:
+                         kv_transform: str | None, kv_clip: float) -> dict:
     """config.json's quantization_config, what the runtime builds the model from."""
     config = {
         "quant_method": QUANT_METHOD,
@@ -262,15 +264,20 @@ def _quantization_config(modules: dict[str, dict], kv_bits: int, tied: dict[str,
     }
     if kv_transform:
         config["kv_transform"] = kv_transform
+    if kv_clip != 1.0:
+        config["kv_clip"] = kv_clip
     return config
 
 
 def _module_meta(pw: PackedWeight, quant: LayerQuant) -> dict:
-    """One linear in quantization_config.modules: its BTC tensors' metadata, its activation bits and
-    (format_version 2) the online transform before its activation quantizer, when it has one."""
+    """One linear in quantization_config.modules: its BTC tensors' metadata, its activation bits,
+    (format_version 2) the online transform before its activation quantizer, when it has one, and
+    (format_version 5) that quantizer's clip ratio, when it is not 1."""
     meta = {**packed_weight_meta(pw), "act_bits": quant.act_bits}
     if quant.input_transform:
         meta["input_transform"] = quant.input_transform
+    if quant.act_clip != 1.0:
+        meta["act_clip"] = quant.act_clip
     return meta
 
 
@@ -455,7 +462,8 @@ def read_packed_export(directory: str | Path, verify: bool = True) -> PackedExpo
     return PackedExport(directory, manifest, qc, config)
 
 
-_AGREEING_FIELDS = ("bits", "balance", "group_size", "act_bits", "in_features", "out_features", "input_transform")
+_AGREEING_FIELDS = ("bits", "balance", "group_size", "act_bits", "in_features", "out_features", "input_transform",
+                    "act_clip")
 
 
 def _check_agreement(manifest: dict, quant_config: dict, config_path: Path) -> None:
@@ -475,7 +483,7 @@ def _check_agreement(manifest: dict, quant_config: dict, config_path: Path) -> N
             if ours != theirs:
                 raise InputError(f"{where} on {name} {field}: {ours!r} in {config_path.name}, "
                                  f"{theirs!r} in {ABQ_JSON}")
-    for key in ("format_version", "kv_bits", "kv_transform"):
+    for key in ("format_version", "kv_bits", "kv_transform", "kv_clip"):
         if quant_config.get(key) != manifest.get(key):
             raise InputError(f"{where} on {key}: {quant_config.get(key)!r} in {config_path.name}, "
                              f"{manifest.get(key)!r} in {ABQ_JSON}")
@@ -543,7 +551,7 @@ def _replace_quantized(model: nn.Module, export: PackedExport, tensors: dict[str
         quant = layer_quant_from_meta({**meta, "act_bits": int(meta.get("act_bits", FP_BITS))})
         bias = tensors.get(f"{name}.bias")
         if mode == PACKED:
-            module = BTCLinear(pw, quant.act_bits, bias, backend, quant.input_transform)
+            module = BTCLinear(pw, quant.act_bits, bias, backend, quant.input_transform, quant.act_clip)
         else:
             module = _twin_linear(pw, quant, bias, dtype)
         _replace(model, name, module)
@@ -625,7 +633,8 @@ def build(directory: str | Path, dtype: str, device: str, backend: str, mode: st
     model, adapter = _instantiate(export, dt)
     replaced = _replace_quantized(model, export, tensors, mode, backend, dt)
     _load_unquantized(model, export, tensors, replaced)
-    set_kv_quant(model, adapter, export.kv_bits, kv_transform_of(export.quant_config))
+    set_kv_quant(model, adapter, export.kv_bits, kv_transform_of(export.quant_config),
+                 kv_clip_of(export.quant_config))
     model.eval().to(device)
     if mode == PACKED:
         for module in model.modules():

@@ -88,6 +88,14 @@ def kv_problem(kv_bits: int) -> str | None:
     return f"compressed-tensors cannot hold abq's per-token kv quantization (kv A{kv_bits}); set kv.bits: 16 or {USE_INSTEAD}"
 
 
+def clip_problem(layers: dict[str, LayerQuant]) -> str | None:
+    clips = sorted({q.act_clip for q in layers.values() if q.act_clip != 1.0})
+    if not clips:
+        return None
+    return (f"compressed-tensors cannot hold abq's activation clipping (activations.clip {clips[0]:g}); set "
+            f"activations.clip: 1 or {USE_INSTEAD}")
+
+
 class CompressedTensors:
     name = "compressed-tensors"
     version = 1
@@ -105,10 +113,12 @@ class CompressedTensors:
     def recipe_problem(self, rotation: str, kv_bits: int, in_features: dict[str, int],
                        layers: dict[str, LayerQuant]) -> str | None:
         """What the model and recipe need beyond each layer's scheme: no online rotation, kv unquantized,
-        no MoE experts, and group sizes that divide every quantized layer's input size."""
+        no activation clipping, no MoE experts, and group sizes that divide every quantized layer's input
+        size."""
         if rotation != "none":
             return online_transform_problem(f"calibration.rotation {rotation!r}")
-        return kv_problem(kv_bits) or experts_problem(layers) or group_size_problem(in_features, layers)
+        return (kv_problem(kv_bits) or clip_problem(layers) or experts_problem(layers)
+                or group_size_problem(in_features, layers))
 
     def required_files(self, directory: Path) -> list[str]:
         from abqcli.models.loading import SAFETENSORS_INDEX, weight_files
@@ -189,12 +199,13 @@ def _library_version() -> str:
 
 def check_export(fmt: CompressedTensors, export: ExportInput) -> None:
     """Refuse what the format cannot hold (for `abq pack --format`, whose source was calibrated for
-    another format): schemes, online transforms, quantized kv, group sizes, zero points."""
+    another format): schemes, online transforms, quantized kv, activation clipping, group sizes, zero
+    points."""
     online = export.kv_transform or any(q.input_transform for q in export.layers.values())
     in_features = {name: int(qw.codes.shape[1]) for name, qw in export.quantized.items()}
     problems = [fmt.layer_problem(q.weight, q.act_bits) for q in export.layers.values()]
     problems += [online_transform_problem("this export's online input transforms") if online else None,
-                 kv_problem(export.kv_bits), experts_problem(export.layers),
+                 kv_problem(export.kv_bits), clip_problem(export.layers), experts_problem(export.layers),
                  group_size_problem(in_features, export.layers)]
     for name, qw in export.quantized.items():
         if qw.zero.min() < 0 or qw.zero.max() > qw.spec.qmax:

@@ -22,6 +22,7 @@ from abqcli.formats import CONFIG_JSON, QUANT_STATE, RECIPE_YAML, ExportInput, d
 from abqcli.formats.manifest import (
     base_manifest,
     check_format,
+    kv_clip_of,
     kv_transform_of,
     layer_meta,
     layer_quant_from_meta,
@@ -37,7 +38,8 @@ from abqcli.quant.quantizer import LayerQuant, QuantizedWeight, WeightQuantSpec
 
 class HfFakequant:
     name = "hf-fakequant"
-    version = 2  # 2: layers may have an online input transform (a rotated model), folded back for plain loads
+    version = 3  # 2: layers may have an online input transform (a rotated model), folded back for plain loads;
+    # 3: layers may have an activation clip ratio (act_clip)
 
     def layer_problem(self, weight: WeightQuantSpec, act_bits: int) -> str | None:
         """Any scheme: the checkpoint holds dequantized weights and the integer state as they are."""
@@ -79,7 +81,7 @@ class HfFakequant:
         save_file(state, str(tmp / QUANT_STATE))
         (tmp / RECIPE_YAML).write_text(export.recipe_yaml)
         manifest = base_manifest(self, export.kv_bits, layer_meta(export.layers, export.quantized), export.provenance,
-                                 export.kv_transform)
+                                 export.kv_transform, export.kv_clip)
         manifest["plain_load"] = plain_load_note(export.layers)
         write_manifest(tmp, manifest)
 
@@ -165,7 +167,7 @@ def open_fakequant(directory: Path, dtype: str, device: str):
             with torch.no_grad():
                 qlinear.weight.copy_(states[name].dequantize().to(qlinear.weight.dtype))
         qlinear.use_integer_weight(states[name])
-    set_kv_quant(model, adapter, manifest["kv_bits"], kv_transform_of(manifest))
+    set_kv_quant(model, adapter, manifest["kv_bits"], kv_transform_of(manifest), kv_clip_of(manifest))
     return model, tokenizer, manifest
 
 
@@ -182,4 +184,4 @@ def export_input(directory: Path, manifest: dict) -> ExportInput:
     recipe_yaml = recipe_path.read_text() if recipe_path.is_file() else ""
     provenance = {**manifest.get("provenance", {}), "packed_from": str(directory)}
     return ExportInput(model, tokenizer, recipe_yaml, manifest["kv_bits"], layers, states, provenance,
-                       kv_transform_of(manifest))
+                       kv_transform_of(manifest), kv_clip=kv_clip_of(manifest))

@@ -48,7 +48,7 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], None], overwrite: 
 
 
 def base_manifest(fmt: OutputFormat, kv_bits: int, layers: dict, provenance: dict,
-                  kv_transform: str | None = None) -> dict:
+                  kv_transform: str | None = None, kv_clip: float = 1.0) -> dict:
     manifest = {
         "tool": "abq",
         "tool_version": __version__,
@@ -60,12 +60,19 @@ def base_manifest(fmt: OutputFormat, kv_bits: int, layers: dict, provenance: dic
     }
     if kv_transform:
         manifest["kv_transform"] = kv_transform
+    if kv_clip != 1.0:
+        manifest["kv_clip"] = kv_clip
     return manifest
 
 
 def kv_transform_of(meta: dict) -> str | None:
     """A manifest's (or quantization_config's) `kv_transform`, checked: an unknown one is an InputError."""
     return _known_transform(meta.get("kv_transform"), "kv_transform")
+
+
+def kv_clip_of(meta: dict) -> float:
+    """A manifest's (or quantization_config's) `kv_clip`, checked (absent: 1)."""
+    return clip_ratio(meta.get("kv_clip", 1.0), "kv_clip")
 
 
 def _known_transform(transform: str | None, key: str) -> str | None:
@@ -90,14 +97,24 @@ def layer_meta(layers: dict[str, LayerQuant], quantized: dict[str, QuantizedWeig
         }
         if quant.input_transform:
             meta[name]["input_transform"] = quant.input_transform
+        if quant.act_clip != 1.0:
+            meta[name]["act_clip"] = quant.act_clip
     return meta
 
 
 def layer_quant_from_meta(meta: dict) -> LayerQuant:
-    """A layer's quantization from its metadata; an unknown `input_transform` is an InputError."""
+    """A layer's quantization from its metadata; an unknown `input_transform` or an `act_clip` outside
+    (0, 1] is an InputError (absent: 1, no clipping)."""
     transform = _known_transform(meta.get("input_transform"), "input_transform")
     return LayerQuant(WeightQuantSpec(meta["bits"], meta["group_size"], meta["balance"]), meta["act_bits"],
-                      transform)
+                      transform, clip_ratio(meta.get("act_clip", 1.0), "act_clip"))
+
+
+def clip_ratio(value: object, key: str) -> float:
+    """A metadata clip ratio, checked: a number in (0, 1], else an InputError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+        raise InputError(f"{key} must be a number above 0, up to 1, got {value!r}")
+    return float(value)
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

@@ -129,7 +129,7 @@ class Calibrator:
         self.device = device
         self.progress = progress or Progress()
         self.blocks = adapter.blocks(model)
-        self.kv_bits = recipe.kv_bits
+        self.kv_bits, self.kv_clip = recipe.kv_bits, recipe.kv_clip
         self.ranks = ranks or DataParallel.single()
         self.local = self.ranks.local_windows(len(windows), recipe.calibration.batch_size)
         self.batch_size = recipe.calibration.batch_size // self.ranks.world
@@ -176,7 +176,8 @@ class Calibrator:
         self.adapter.attention_module(fp_block).abq_kv_bits = FP_BITS
         prefix = self.adapter.block_prefix(index)
         qlinears = wrap_block_linears(block, self.adapter, prefix, self.layer_quant)
-        self.adapter.attention_module(block).abq_kv_bits = self.kv_bits
+        attention = self.adapter.attention_module(block)
+        attention.abq_kv_bits, attention.abq_kv_clip = self.kv_bits, self.kv_clip
         dev_kwargs = send_to_device(kwargs, self.device)
         with counting_tokens(fp_block) as expert_tokens:  # the FP model's routing of the calibration tokens
             fp_out = run_block(fp_block, fp_in, dev_kwargs, self.device, self.cache)

@@ -87,15 +87,16 @@ class QuantLinear(nn.Module):
         if self.centred_codes is not None:  # only activation-quantized layers hold them
             weight = CentredWeight(self.centred_codes, self.code_scales, self.quant.weight.group_size,
                                    self.centred_max_abs)
-            return integer_linear(x, weight, bits, self.bias)
-        return F.linear(fake_quantize_activation(x, bits), self.weight, self.bias)
+            return integer_linear(x, weight, bits, self.bias, self.quant.act_clip)
+        return F.linear(fake_quantize_activation(x, bits, self.quant.act_clip), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         w = self.quant.weight
         g = f" g{w.group_size}" if w.group_size else ""
         online = f", online {self.quant.input_transform}" if self.quant.input_transform else ""
+        clip = f", clip {self.quant.act_clip:g}" if self.quant.act_clip != 1.0 else ""
         return (f"{self.in_features}->{self.out_features}, W{w.bits}{'*' if w.balance else ''}{g}"
-                f"A{self.quant.act_bits}{online}")
+                f"A{self.quant.act_bits}{online}{clip}")
 
 
 def causal_probs(
@@ -131,11 +132,12 @@ def abq_attention(module: nn.Module, query, key, value, attention_mask, scaling=
     already in `attention_mask` (masks are built as for SDPA).
     """
     bits = getattr(module, "abq_kv_bits", FP_BITS)
+    clip = getattr(module, "abq_kv_clip", 1.0)
     transform = getattr(module, "abq_kv_transform", None)
     query, key = apply_input_transform(query, transform), apply_input_transform(key, transform)
-    query = fake_quantize_activation(query, bits)
-    key = fake_quantize_activation(key, bits)
-    value = fake_quantize_activation(value, bits)
+    query = fake_quantize_activation(query, bits, clip)
+    key = fake_quantize_activation(key, bits, clip)
+    value = fake_quantize_activation(value, bits, clip)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -163,14 +165,16 @@ def register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def set_kv_quant(model: nn.Module, adapter: Adapter, kv_bits: int, kv_transform: str | None = None) -> None:
-    """Route every block's attention through "abq" with q/k/v at `kv_bits`, q and k transformed online
-    by `kv_transform` (None: not) before their quantizer."""
+def set_kv_quant(model: nn.Module, adapter: Adapter, kv_bits: int, kv_transform: str | None = None,
+                 kv_clip: float = 1.0) -> None:
+    """Route every block's attention through "abq" with q/k/v at `kv_bits` (clip ratio `kv_clip`), q and
+    k transformed online by `kv_transform` (None: not) before their quantizer."""
     register_attention()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     for block in adapter.blocks(model):
         attention = block.get_submodule(adapter.attention)
         attention.abq_kv_bits = kv_bits
+        attention.abq_kv_clip = kv_clip
         attention.abq_kv_transform = kv_transform
 
 
@@ -206,7 +210,7 @@ def wrap_linears(
 @torch.no_grad()
 def apply_rtn(
     model: nn.Module, adapter: Adapter, layer_quant: Callable[[str], LayerQuant | None], kv_bits: int,
-    kv_transform: str | None = None,
+    kv_transform: str | None = None, kv_clip: float = 1.0,
 ) -> tuple[dict[str, QuantLinear], dict[str, QuantizedWeight]]:
     """Round-to-nearest fake quantization of the whole model, in place: each quantized linear holds its
     dequantized weight and runs in the integer domain (see `QuantLinear`). Returns the wrappers and
@@ -217,5 +221,5 @@ def apply_rtn(
         states[name] = quantize_weight(qlinear.weight, qlinear.quant.weight)
         qlinear.weight.copy_(states[name].dequantize().to(qlinear.weight.dtype))
         qlinear.use_integer_weight(states[name])
-    set_kv_quant(model, adapter, kv_bits, kv_transform)
+    set_kv_quant(model, adapter, kv_bits, kv_transform, kv_clip)
     return wrapped, states

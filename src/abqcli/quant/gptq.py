@@ -54,15 +54,15 @@ def collect_hessians(linears: Mapping[str, nn.Module], run: Callable[[], object]
     the same tensor with the same quantization (q/k/v, gate/up) share one accumulator: XᵀX is computed
     once for them."""
     accumulators: dict[str, HessianAccumulator] = {}
-    last: list = [None, None, None]  # the previous hook's (input tensor, (act bits, transform), accumulator)
+    last: list = [None, None, None]  # the previous hook's (input tensor, (act bits, transform, clip), accumulator)
 
     def hook(name: str):
         def pre_hook(module: nn.Module, args: tuple) -> None:
-            x, seen = args[0], (module.quant.act_bits, module.quant.input_transform)
+            x, seen = args[0], (module.quant.act_bits, module.quant.input_transform, module.quant.act_clip)
             if x is last[0] and seen == last[1] and accumulators.setdefault(name, last[2]) is last[2]:
                 return  # the same tensor as the previous linear's: its accumulator already has it
             acc = accumulators.setdefault(name, HessianAccumulator())
-            acc.add(fake_quantize_activation(module.transform_input(x), seen[0]))
+            acc.add(fake_quantize_activation(module.transform_input(x), seen[0], seen[2]))
             last[:] = [x, seen, acc]
         return pre_hook
 

@@ -17,18 +17,20 @@ F32_EXACT = 2**24  # every integer of magnitude <= 2**24 is exact in float32
 _ROW_BLOCK_BYTES = 1 << 21  # rows per block: keep a block's [rows, N] accumulator in cache
 
 
-def quantize_activation_f32(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activation_f32(x: torch.Tensor, bits: int,
+                            clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token codes as float32 [M, K] with scale, zero [M, 1] — the same values as
     `quantize_activation` (same qparams, same round-half-even), without the uint8 round trip."""
-    scale, zero = activation_qparams(x, bits)
+    scale, zero = activation_qparams(x, bits, clip)
     codes = torch.div(x, scale).round_().add_(zero).clamp_(0, qmax_for(bits))
     return codes, scale, zero
 
 
 @torch.no_grad()
-def integer_linear(x: torch.Tensor, w: CentredWeight, act_bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def integer_linear(x: torch.Tensor, w: CentredWeight, act_bits: int, bias: torch.Tensor | None = None,
+                   act_clip: float = 1.0) -> torch.Tensor:
     """A weight-and-activation quantized linear computed in the integer domain: x [..., K] -> [..., N]
-    in x's dtype, on x's device. The packed CPU runtime and the fake-quant models both run this, so
+    in x's dtype, on x's device (activations quantized per token with clip ratio `act_clip`). The packed CPU runtime and the fake-quant models both run this, so
     their outputs are bit-identical for the same codes.
 
     The epilogue's bracket for group g, `acc − za·wsum − zw·asum + |g|·za·zw`, is the integer
@@ -43,7 +45,7 @@ def integer_linear(x: torch.Tensor, w: CentredWeight, act_bits: int, bias: torch
         raise ValueError(f"input has {k} features, the layer expects {w.values.shape[1]}")
     x2 = x.detach().reshape(-1, k).float()
     m, n = x2.shape[0], w.values.shape[0]
-    codes, sa, za = quantize_activation_f32(x2, act_bits)
+    codes, sa, za = quantize_activation_f32(x2, act_bits, act_clip)
     a_c = codes.sub_(za)  # centred activation codes, exact small integers
     w_c = w.values
     g = w.group_size or k

@@ -9,7 +9,8 @@
 `qmax = 2**bits - 1`, except bit balance (W2*): bits == 2 with balance gives `qmax = 4`, five levels.
 Weights get one (s, z) per output row, or per row and group of `group_size` input columns (the last
 group may be partial). Activations get one (s, z) per token, over the last dimension, computed on the
-fly. A weight scale is rounded to the precision the export stores it in (float16 by default, DESIGN §5)
+fly, from the token's range shrunk by a clip ratio r ∈ (0, 1]: `xmin = r·min(x)`, `xmax = r·max(x)`
+(QuaRot's activation clipping; r = 1 covers the whole row, values beyond a shrunk range saturate). A weight scale is rounded to the precision the export stores it in (float16 by default, DESIGN §5)
 before the zero point and the codes are computed from it, so the fake-quant model and the packed
 artefact use the very same scale; activation scales are never stored and stay float32. In training, rounding passes gradients straight through (STE) and LWC scales the range with two
 learnable factors per quantization row: `xmax' = σ(u)·xmax`, `xmin' = σ(l)·xmin`. Learned rounding
@@ -162,12 +163,14 @@ def fake_quantize_weight(
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """What one linear gets: its weight quantizer, the bit width of its input activations and the online
-    transform applied to its input before the activation quantizer (`quant.hadamard`; None: none)."""
+    """What one linear gets: its weight quantizer, the bit width of its input activations, the online
+    transform applied to its input before the activation quantizer (`quant.hadamard`; None: none) and
+    that quantizer's clip ratio."""
 
     weight: WeightQuantSpec
     act_bits: int
     input_transform: str | None = None
+    act_clip: float = 1.0
 
 
 @dataclass
@@ -227,42 +230,46 @@ def quantize_weight(
     return QuantizedWeight(codes.to(torch.uint8), scale.float(), zero.float(), spec)
 
 
-def activation_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (last dimension) dynamic scale and zero, shaped [..., 1]."""
+def activation_qparams(x: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dimension) dynamic scale and zero, shaped [..., 1], of the range
+    [clip·min(x), clip·max(x)] (one float multiply each; clip 1 leaves the range as it is)."""
     xmin = x.amin(dim=-1, keepdim=True)
     xmax = x.amax(dim=-1, keepdim=True)
+    if clip != 1.0:
+        xmin, xmax = xmin * clip, xmax * clip
     return affine_params(xmin, xmax, qmax_for(bits))
 
 
 class _ActivationFakeQuant(torch.autograd.Function):
     """Per-token fake quantization with a straight-through (identity) gradient.
 
-    The forward runs without building a graph and the backward passes the gradient unchanged: per-token
-    ranges always cover their own row, so the only gradient dropped is the one through the dynamic
+    The forward runs without building a graph and the backward passes the gradient unchanged (also for
+    values a clip ratio below 1 saturates), so the only gradient dropped is the one through the dynamic
     (min, max) of each token, and skipping that graph makes calibration steps several times cheaper on
     a CPU (element-wise work on [tokens, channels] dominates there)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bits: int) -> torch.Tensor:
-        scale, zero = activation_qparams(x, bits)
+    def forward(ctx, x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
+        scale, zero = activation_qparams(x, bits, clip)
         q = torch.clamp(torch.round(x / scale) + zero, 0, qmax_for(bits))
         return (q - zero) * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad, None, None
 
 
-def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize_activation(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
     """Per-token asymmetric fake quantization over the last dimension; 16 bits = identity."""
     if bits >= FP_BITS:
         return x
-    return _ActivationFakeQuant.apply(x, bits)
+    return _ActivationFakeQuant.apply(x, bits, clip)
 
 
 @torch.no_grad()
-def quantize_activation(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_activation(x: torch.Tensor, bits: int,
+                        clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token codes (uint8, same shape as x) and (scale, zero) shaped [..., 1], in float32."""
     x = x.float()
-    scale, zero = activation_qparams(x, bits)
+    scale, zero = activation_qparams(x, bits, clip)
     return quantize(x, scale, zero, qmax_for(bits)).to(torch.uint8), scale, zero

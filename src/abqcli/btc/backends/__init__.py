@@ -59,9 +59,9 @@ class GemmBackend(Protocol):
         ...
 
     def linear(self, x: torch.Tensor, packed: PackedWeight, act_bits: int,
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bias: torch.Tensor | None, act_clip: float = 1.0) -> torch.Tensor:
         """x [..., K] -> [..., N] in x's dtype, on x's device. act_bits < 16: per-token activation
-        quantization, exact integer GEMM, affine epilogue (+ bias); the weight must pass
+        quantization (clip ratio `act_clip`), exact integer GEMM, affine epilogue (+ bias); the weight must pass
         `contract.check_btc_group` and `contract.check_int32_bound`. act_bits >= 16 (weight-only): the
         dequantized weight in a float matmul, any group size."""
         ...
@@ -72,8 +72,9 @@ class GemmBackend(Protocol):
         a_planes [Pa, M, Kw], w_planes [Pw, N, Kw]; group_words None = one group of all Kw words."""
         ...
 
-    def quantize_pack(self, x: torch.Tensor, bits: int, group_size: int | None) -> ActivationPlanes | None:
-        """The backend's own activation step, (planes [Pa, M, Kw], scale [M], zero [M], code sums [M, G])
+    def quantize_pack(self, x: torch.Tensor, bits: int, group_size: int | None,
+                      clip: float = 1.0) -> ActivationPlanes | None:
+        """The backend's own activation step (clip ratio `clip`), (planes [Pa, M, Kw], scale [M], zero [M], code sums [M, G])
         of x [M, K] on x's device; None when it quantizes with the reference quantizer (nothing to check)."""
         ...
 

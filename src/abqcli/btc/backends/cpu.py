@@ -39,10 +39,10 @@ class CpuBackend:
             packed.centred_weight()
 
     def linear(self, x: torch.Tensor, packed: PackedWeight, act_bits: int,
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bias: torch.Tensor | None, act_clip: float = 1.0) -> torch.Tensor:
         if x.device.type != "cpu":
             bias = None if bias is None else bias.cpu()
-            return self.linear(x.cpu(), packed, act_bits, bias).to(x.device)
+            return self.linear(x.cpu(), packed, act_bits, bias, act_clip).to(x.device)
         if x.shape[-1] != packed.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {packed.in_features}")
         if act_bits >= FP_BITS:
@@ -50,14 +50,15 @@ class CpuBackend:
             return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
         check_btc_group(packed.group_size)
         check_int32_bound(packed.in_features, qmax_for(act_bits), packed.qmax)
-        return integer_linear(x, packed.centred_weight(), act_bits, bias)
+        return integer_linear(x, packed.centred_weight(), act_bits, bias, act_clip)
 
     def int_gemm_planes(self, a_planes: torch.Tensor, w_planes: torch.Tensor,
                         group_words: int | None) -> torch.Tensor:
         acc = gemm.popcount_gemm(a_planes, w_planes, group_words)
         return acc if acc.dim() == 3 else acc.unsqueeze(-1)
 
-    def quantize_pack(self, x: torch.Tensor, bits: int, group_size: int | None) -> ActivationPlanes | None:
+    def quantize_pack(self, x: torch.Tensor, bits: int, group_size: int | None,
+                      clip: float = 1.0) -> ActivationPlanes | None:
         return None  # the reference quantizer and packer themselves
 
 

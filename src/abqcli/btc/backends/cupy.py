@@ -38,15 +38,16 @@ class CupyBackend:
         return None  # the device copy is made on the first forward, on the input's device
 
     def linear(self, x: torch.Tensor, packed: PackedWeight, act_bits: int,
-               bias: torch.Tensor | None) -> torch.Tensor:
-        return _launcher().btc_linear(x, packed, act_bits, bias=bias)
+               bias: torch.Tensor | None, act_clip: float = 1.0) -> torch.Tensor:
+        return _launcher().btc_linear(x, packed, act_bits, bias=bias, act_clip=act_clip)
 
     def int_gemm_planes(self, a_planes: torch.Tensor, w_planes: torch.Tensor,
                         group_words: int | None) -> torch.Tensor:
         return _launcher().int_gemm_planes(a_planes, w_planes, group_words)
 
-    def quantize_pack(self, x: torch.Tensor, bits: int, group_size: int | None) -> ActivationPlanes | None:
-        return _launcher().quantize_pack_activations(x, bits, group_size)
+    def quantize_pack(self, x: torch.Tensor, bits: int, group_size: int | None,
+                      clip: float = 1.0) -> ActivationPlanes | None:
+        return _launcher().quantize_pack_activations(x, bits, group_size, clip)
 
 
 CUPY_BACKEND = CupyBackend()
