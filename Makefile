@@ -39,7 +39,7 @@ test-fast: install
 demo: install
 	$(BIN)/abq quantize $(RECIPE) --data-dir $(DATA_DIR) --output $(DEMO_DIR) --overwrite
 	$(BIN)/abq eval --model smollm2-135m $(EVAL) --json $(DEMO_DIR)/eval-fp.json
-	$(BIN)/abq eval --model smollm2-135m $(EVAL) --recipe $(RECIPE) --set calibration.method=rtn --set calibration.rotation=none --json $(DEMO_DIR)/eval-rtn.json
+	$(BIN)/abq eval --model smollm2-135m $(EVAL) --recipe $(RECIPE) --set calibration.method=rtn --set calibration.rotation=none --set activations.clip=1 --set kv.clip=1 --json $(DEMO_DIR)/eval-rtn.json
 	$(BIN)/abq eval --model $(DEMO_DIR)/abq-packed $(EVAL) --json $(DEMO_DIR)/eval-abq.json
 	$(BIN)/python scripts/compare_ppl.py $(DEMO_DIR)/eval-fp.json $(DEMO_DIR)/eval-rtn.json $(DEMO_DIR)/eval-abq.json
 
