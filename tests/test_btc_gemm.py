@@ -198,13 +198,13 @@ def test_btc_linear_input_validation():
 def test_cupy_backend_dispatches_lazily(monkeypatch):
     calls = []
     fake = types.ModuleType("abqcli.btc.cuda")
-    fake.btc_linear = lambda x, w, act_bits, bias=None: calls.append((x, w, act_bits, bias)) or "gpu"
+    fake.btc_linear = lambda x, w, act_bits, bias=None, act_clip=1.0: calls.append((x, w, act_bits, bias, act_clip)) or "gpu"
     monkeypatch.setitem(sys.modules, "abqcli.btc.cuda", fake)
     monkeypatch.setattr(abqcli.btc, "cuda", fake, raising=False)
     _, _, pw = _layer(4, False, None, 128)
     x = torch.randn(2, 128)
-    assert btc_linear(x, pw, 4, backend="cupy") == "gpu"
-    assert calls and calls[0][2] == 4 and calls[0][1] is pw
+    assert btc_linear(x, pw, 4, backend="cupy", act_clip=0.9) == "gpu"
+    assert calls and calls[0][2] == 4 and calls[0][1] is pw and calls[0][4] == 0.9
 
 
 def test_epilogue_accepts_per_channel_2d_accumulator():

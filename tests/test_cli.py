@@ -250,7 +250,8 @@ def test_recipe_show_balanced_preset(capsys):
     data = yaml.safe_load(out)
     assert data["scheme"] == "w2*a8"
     assert data["weights"] == {"bits": 2, "group_size": None, "balance": True, "scale_dtype": "float16"}
-    assert data["activations"] == {"bits": 8}
+    assert data["activations"] == {"bits": 8, "clip": 1.0}
+    assert data["kv"] == {"bits": None, "clip": 1.0}
     assert data["calibration"]["epochs"] == 40
 
 

@@ -117,6 +117,26 @@ def test_quant_pack_matches_cpu(bits, m, k, group_size):
 
 
 @_mark
+@pytest.mark.parametrize("clip", [0.9, 0.5])
+@pytest.mark.parametrize("bits", A_BITS)
+def test_quant_pack_with_a_clip_ratio_matches_cpu(bits, clip):
+    """`activations.clip`: the kernel's r·min, r·max (__fmul_rn) are the CPU's float32 products, bit for bit,
+    and a clipped BTCLinear on the GPU gives the CPU's output."""
+    gen = torch.Generator().manual_seed(bits * 11)
+    x = torch.randn(64, 1536, generator=gen) * (torch.rand(64, 1, generator=gen) * 20 + 0.01)
+    codes, s_ref, z_ref = quantize_activation(x, bits, clip)
+    planes, scale, zero, sums = bc.quantize_pack_activations(x.cuda(), bits, 128, clip)
+    assert torch.equal(planes.cpu(), pack_planes(codes, qmax_for(bits)))
+    assert torch.equal(scale.cpu(), s_ref.reshape(-1)) and torch.equal(zero.cpu(), z_ref.reshape(-1))
+    assert torch.equal(sums.cpu(), group_code_sums(codes, 128))
+    from abqcli.runtime import BTCLinear
+
+    w = _packed_weight(576, 1536, 4, False, None)
+    want = BTCLinear(w, bits, None, "cpu", act_clip=clip)(x)
+    _assert_close(BTCLinear(w, bits, None, "cupy", act_clip=clip)(x.cuda()), want, 1e-5)
+
+
+@_mark
 @pytest.mark.parametrize("bits", A_BITS)
 def test_quant_pack_fp16_input(bits):
     gen = torch.Generator().manual_seed(bits)
