@@ -339,7 +339,7 @@ def int_gemm_planes(
     return acc if a_planes.is_cuda else acc.cpu()
 
 
-def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int, clip: float = 1.0):
+def _quant_pack(x: torch.Tensor, bits: int, k: int, gw: int, groups: int, clip: float):
     """x contiguous fp32/fp16 [M, K] on the GPU -> (planes, scale, zero, sums) on the same device
     (per-token ranges scaled by the clip ratio `clip`)."""
     cp = _import_cupy()

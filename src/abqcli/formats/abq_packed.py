@@ -51,9 +51,11 @@ from abqcli.formats import (
     read_json,
 )
 from abqcli.formats.manifest import (
+    activation_quantizer_keys,
     base_manifest,
     check_format,
     kv_clip_of,
+    kv_quantizer_keys,
     kv_transform_of,
     layer_meta,
     layer_quant_from_meta,
@@ -262,23 +264,14 @@ def _quantization_config(modules: dict[str, dict], kv_bits: int, tied: dict[str,
         "modules": modules,
         "tied_tensors": tied,
     }
-    if kv_transform:
-        config["kv_transform"] = kv_transform
-    if kv_clip != 1.0:
-        config["kv_clip"] = kv_clip
-    return config
+    return {**config, **kv_quantizer_keys(kv_transform, kv_clip)}
 
 
 def _module_meta(pw: PackedWeight, quant: LayerQuant) -> dict:
     """One linear in quantization_config.modules: its BTC tensors' metadata, its activation bits,
     (format_version 2) the online transform before its activation quantizer, when it has one, and
     (format_version 5) that quantizer's clip ratio, when it is not 1."""
-    meta = {**packed_weight_meta(pw), "act_bits": quant.act_bits}
-    if quant.input_transform:
-        meta["input_transform"] = quant.input_transform
-    if quant.act_clip != 1.0:
-        meta["act_clip"] = quant.act_clip
-    return meta
+    return {**packed_weight_meta(pw), "act_bits": quant.act_bits, **activation_quantizer_keys(quant)}
 
 
 def packed_layer_stats(name: str, pw: PackedWeight, written: dict[str, torch.Tensor]) -> dict:

@@ -89,10 +89,10 @@ def kv_problem(kv_bits: int) -> str | None:
 
 
 def clip_problem(layers: dict[str, LayerQuant]) -> str | None:
-    clips = sorted({q.act_clip for q in layers.values() if q.act_clip != 1.0})
-    if not clips:
+    clip = next((q.act_clip for q in layers.values() if q.act_clip != 1.0), None)
+    if clip is None:
         return None
-    return (f"compressed-tensors cannot hold abq's activation clipping (activations.clip {clips[0]:g}); set "
+    return (f"compressed-tensors cannot hold abq's activation clipping (activations.clip {clip:g}); set "
             f"activations.clip: 1 or {USE_INSTEAD}")
 
 

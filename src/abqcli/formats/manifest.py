@@ -58,11 +58,21 @@ def base_manifest(fmt: OutputFormat, kv_bits: int, layers: dict, provenance: dic
         "layers": layers,
         "provenance": provenance,
     }
-    if kv_transform:
-        manifest["kv_transform"] = kv_transform
-    if kv_clip != 1.0:
-        manifest["kv_clip"] = kv_clip
-    return manifest
+    return {**manifest, **kv_quantizer_keys(kv_transform, kv_clip)}
+
+
+def kv_quantizer_keys(kv_transform: str | None, kv_clip: float) -> dict:
+    """The optional keys of the q/k/v quantizer, each only when set: `kv_transform`, `kv_clip`
+    (abq.json and abq-packed's quantization_config both carry them)."""
+    keys: dict = {"kv_transform": kv_transform} if kv_transform else {}
+    return {**keys, "kv_clip": kv_clip} if kv_clip != 1.0 else keys
+
+
+def activation_quantizer_keys(quant: LayerQuant) -> dict:
+    """The optional keys of one layer's activation quantizer, each only when set: `input_transform`,
+    `act_clip` (abq.json's layers and abq-packed's quantization_config modules both carry them)."""
+    keys: dict = {"input_transform": quant.input_transform} if quant.input_transform else {}
+    return {**keys, "act_clip": quant.act_clip} if quant.act_clip != 1.0 else keys
 
 
 def kv_transform_of(meta: dict) -> str | None:
@@ -94,11 +104,8 @@ def layer_meta(layers: dict[str, LayerQuant], quantized: dict[str, QuantizedWeig
             "out_features": int(codes.shape[0]),
             "in_features": int(codes.shape[1]),
             "distinct_codes_max_per_row": int(max(len(torch.unique(row)) for row in codes[:64])),
+            **activation_quantizer_keys(quant),
         }
-        if quant.input_transform:
-            meta[name]["input_transform"] = quant.input_transform
-        if quant.act_clip != 1.0:
-            meta[name]["act_clip"] = quant.act_clip
     return meta
 
 
