@@ -235,6 +235,8 @@ BAD = [
      'overrides."*.down_proj".weights.bits: expected an integer from 1 to 8, got 9'),
     ({"overrides": {"*.down_proj": {"activations": {"bits": 2}}}},
      'overrides."*.down_proj".activations.bits: expected an integer from 4 to 16, got 2'),
+    ({"overrides": {"*.down_proj": {"activations": {"clip": 0}}}},
+     'overrides."*.down_proj".activations.clip: expected a number above 0, up to 1, got 0'),
     ({"overrides": {"*.down_proj": {"kv": {"bits": 8}}}},
      'overrides."*.down_proj".kv: unknown key (expected one of: weights, activations)'),
     ({"overrides": {"*.down_proj": 8}}, 'overrides."*.down_proj": expected a mapping, got 8'),
@@ -275,6 +277,16 @@ def test_packed_group_size_rule():
     r = recipe_from_dict({"scheme": "w4a8", "weights": {"group_size": 128},
                           "overrides": {"*.o_proj": {"activations": {"bits": 16}, "weights": {"group_size": 32}}}})
     assert r.layer_quant("m.o_proj") == LayerQuant(WeightQuantSpec(4, 32), 16)
+
+
+def test_override_sets_the_activation_clip_of_matching_layers():
+    r = recipe_from_dict({"scheme": "w4a4", "activations": {"clip": 0.9},
+                          "overrides": {"*.down_proj": {"activations": {"clip": 0.95}},
+                                        "*.o_proj": {"activations": {"bits": 16}}}})
+    assert r.layer_quant("m.q_proj").act_clip == 0.9
+    assert r.layer_quant("m.down_proj") == LayerQuant(WeightQuantSpec(4, None), 4, act_clip=0.95)
+    assert r.layer_quant("m.o_proj").act_clip == 1.0  # weight-only: no activation quantizer to clip
+    assert r.kv_clip == 1.0
 
 
 # ---------------------------------------------------------------------------------------------- files

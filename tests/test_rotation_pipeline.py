@@ -125,10 +125,11 @@ def test_unknown_rotation_is_a_recipe_error(tiny_llama, tiny_text_file, tmp_path
 
 @pytest.fixture(scope="module")
 def clipped_run(tmp_path_factory, tiny_llama, tiny_text_file) -> Path:
-    """W4A4 rotated, ABQ-calibrated with `activations.clip: 0.9` and `kv.clip: 0.8`, both formats."""
+    """W4A4 rotated, ABQ-calibrated with `activations.clip: 0.9` (0.95 on down_proj through an override)
+    and `kv.clip: 0.8`, both formats."""
     work = tmp_path_factory.mktemp("clipped")
-    recipe = write_recipe(work, tiny_llama, tiny_text_file, extra="activations: {clip: 0.9}\nkv: {clip: 0.8}",
-                          calibration=ROTATED)
+    extra = 'activations: {clip: 0.9}\nkv: {clip: 0.8}\noverrides: {"*.down_proj": {activations: {clip: 0.95}}}'
+    recipe = write_recipe(work, tiny_llama, tiny_text_file, extra=extra, calibration=ROTATED)
     recipe.write_text(recipe.read_text().replace("output: {dir: out, formats: [hf-fakequant]}", FORMATS))
     assert abq(work, "quantize", recipe) == 0
     return work / "out"
@@ -138,15 +139,19 @@ def test_clipped_export_records_the_clip_ratio_and_verifies(clipped_run, no_data
     from abqcli.formats.abq_packed import load_packed
     from abqcli.verify import verify_export
 
+    def expected(name: str) -> float:
+        return 0.95 if name.endswith("down_proj") else 0.9
+
     for fmt in ("abq-packed", "hf-fakequant"):
         manifest = json.loads((clipped_run / fmt / "abq.json").read_text())
-        assert {meta.get("act_clip") for meta in manifest["layers"].values()} == {0.9}
+        assert all(meta["act_clip"] == expected(name) for name, meta in manifest["layers"].items())
         assert manifest["kv_clip"] == 0.8
     config = json.loads((clipped_run / "abq-packed" / "config.json").read_text())["quantization_config"]
-    assert {meta["act_clip"] for meta in config["modules"].values()} == {0.9} and config["kv_clip"] == 0.8
+    assert all(meta["act_clip"] == expected(name) for name, meta in config["modules"].items())
+    assert config["kv_clip"] == 0.8
     packed, _, _ = load_packed(clipped_run / "abq-packed")
-    linears = [m for m in packed.modules() if hasattr(m, "act_clip")]
-    assert len(linears) == 14 and {m.act_clip for m in linears} == {0.9}
+    linears = {name: m for name, m in packed.named_modules() if hasattr(m, "act_clip")}
+    assert len(linears) == 14 and all(m.act_clip == expected(name) for name, m in linears.items())
     assert {m.abq_kv_clip for m in packed.modules() if hasattr(m, "abq_kv_bits")} == {0.8}
     report = verify_export(clipped_run / "abq-packed", seqlen=32, windows=2)
     assert report.ok, report.problems

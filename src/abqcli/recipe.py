@@ -354,6 +354,7 @@ class WeightOverride(TypedDict, total=False):
 class ActivationOverride(TypedDict, total=False):
     __pydantic_config__ = _SECTION
     bits: ActBits
+    clip: ClipRatio
 
 
 class LayerOverride(TypedDict, total=False):
@@ -518,11 +519,12 @@ class Recipe:
     def _merged(self, patterns: Sequence[str]) -> LayerQuant:
         """The global `weights` / `activations` with the `overrides` entries of `patterns` merged over
         them in that order, each setting only the keys it writes."""
-        weight, act_bits = self.weights.quant_spec(), self.activations.bits
+        weight, act_bits, clip = self.weights.quant_spec(), self.activations.bits, self.activations.clip
         for p in patterns:
             weight = dataclasses.replace(weight, **self.overrides[p].get("weights", {}))
-            act_bits = self.overrides[p].get("activations", {}).get("bits", act_bits)
-        clip = self.activations.clip if act_bits < FP_BITS else 1.0  # a weight-only layer has no quantizer
+            act = self.overrides[p].get("activations", {})
+            act_bits, clip = act.get("bits", act_bits), act.get("clip", clip)
+        clip = clip if act_bits < FP_BITS else 1.0  # a weight-only layer has no quantizer
         return LayerQuant(weight, act_bits, act_clip=clip)
 
     def layer_quant(self, module_name: str) -> LayerQuant | None:
