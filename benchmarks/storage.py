@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"W4A16 g128": "configs/smollm2-w4a16-g128.yaml", "W3A16 g128": "configs/smollm2-w3a16-g128.yaml",
-           "W4A16 per channel": "configs/smollm2-w4a16.yaml", "W4A8 per channel": "configs/smollm2-w4a8.yaml"}
+           "W4A16 per channel": "configs/smollm2-w4a16.yaml"}
 KEYS = ("bits_per_weight", "overhead_bits_per_weight", "bits_per_weight_with_overhead", "padding_bits_per_weight",
         "stored_bits_per_weight", "size_vs_fp16")
 
