@@ -98,10 +98,10 @@ def step_seconds(recipe, base, block_index: int, steps: int, bf16: bool, profile
     batches = ctx.batches()
 
     def step(i: int) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = method._loss(ctx, batches[i % len(batches)], fp_on_q, probs[i % len(batches)] if probs else None)
+        b = i % len(batches)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            method._backward(ctx, batches[b], fp_on_q, probs[b] if probs else None)
         optimizer.step()
 
     step(0)  # warm-up

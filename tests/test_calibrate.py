@@ -179,6 +179,22 @@ def test_learned_rounding_moves_codes_by_at_most_one_step(tmp_path, tiny_llama, 
     assert moved > 0
 
 
+def test_bf16_autocast_training_tracks_the_float32_loss(runs, tmp_path, tiny_llama, tiny_text_file):
+    """`calibration.autocast: bfloat16` runs the student's products in bf16 during training only: the block
+    losses differ from the float32 run's (the products really ran in bf16) but stay close to them, and the
+    export is still exactly its folded integer state."""
+    _, fp32 = runs.get("llama")
+    make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out")
+    summary = run_quantize(load_recipe(str(tmp_path / "r.yaml"), ["calibration.autocast=bfloat16"]))
+    for bf16_block, fp32_block in zip(summary["blocks"], fp32["blocks"], strict=True):
+        assert bf16_block["loss_first"] != fp32_block["loss_first"]
+        assert bf16_block["loss_last"] == pytest.approx(fp32_block["loss_last"], rel=0.1)
+    fq = tmp_path / "out" / "hf-fakequant"
+    weights = load_file(str(fq / "model.safetensors"))
+    for name, state in saved_states(fq).items():
+        assert torch.equal(weights[f"{name}.weight"], state.dequantize()), name
+
+
 def test_a_rounding_the_method_cannot_run_is_refused_before_loading(tmp_path, tiny_llama, tiny_text_file):
     for method, rounding, advice in [("rtn", "gptq", "method: abq or gptq"), ("gptq", "learned", "method: abq"),
                                      ("gptq", "nearest", "method: abq or rtn")]:

@@ -250,9 +250,10 @@ class _ActivationFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
-        scale, zero = activation_qparams(x, bits, clip)
-        q = torch.clamp(torch.round(x / scale) + zero, 0, qmax_for(bits))
-        return (q - zero) * scale
+        xf = x.float()  # the codes of a bf16 input (autocast training) are computed in float32 too
+        scale, zero = activation_qparams(xf, bits, clip)
+        q = torch.clamp(torch.round(xf / scale) + zero, 0, qmax_for(bits))
+        return ((q - zero) * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

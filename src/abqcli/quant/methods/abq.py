@@ -180,13 +180,16 @@ class AbqMethod(CalibrationMethod):
         if want_kl and p_1 is None:
             p_1 = record_probs(ctx.fp_block, self.adapter, ctx.batch(ctx.fp_in, w), ctx.kwargs)
         attn_q.abq_record_probs = want_kl
+        bf16 = self.recipe.calibration.autocast == "bfloat16"
         try:
-            y_q = functional_call(ctx.qblock, self.quantized_params(ctx), (ctx.batch(ctx.q_in, w),), ctx.kwargs)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+                y_q = functional_call(ctx.qblock, self.quantized_params(ctx), (ctx.batch(ctx.q_in, w),),
+                                      ctx.kwargs)
         finally:
             attn_q.abq_record_probs = False
         p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
-        return window_terms(y_q, ctx.batch(ctx.fp_out, w), ctx.batch(fp_on_q, w), p_q, p_1,
-                            self.recipe.calibration.loss)
+        return window_terms(y_q.float(), ctx.batch(ctx.fp_out, w), ctx.batch(fp_on_q, w),
+                            None if p_q is None else p_q.float(), p_1, self.recipe.calibration.loss)
 
     def folded_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         return self.transform.transformed_params()
