@@ -9,7 +9,8 @@ same on every rank because everything that feeds them is reduced across ranks:
     LET init statistics   max |x| and the range ends over every rank's tokens (max / min: exact)
     tokens per expert     sum (exact)
     the loss              mean of the ranks' batch means = the global batch mean (equal slices)
-    gradients             mean, before every optimiser step: the gradient of the global batch's loss
+    gradients             mean of the block's quantized parameters' gradients, before the backward to the
+                          learned tensors of every optimiser step: the gradient of the global batch's loss
     GPTQ Hessians         sum Σ xᵀx over every rank's tokens
 
 so the result differs from one process only by the order of float reductions. Rank 0 owns the output

@@ -128,7 +128,6 @@ class AbqMethod(CalibrationMethod):
                 value = sum(terms.values())  # the global batch's loss (every rank stops together)
                 if not math.isfinite(value):
                     raise NonFiniteLoss(epoch, step)
-                ctx.ranks.mean_gradients([p for g in groups for p in g["params"]])
                 optimizer.step()
                 self._clamp_offsets()
                 epoch_losses[-1].append(value)
@@ -161,20 +160,32 @@ class AbqMethod(CalibrationMethod):
 
     def _backward(self, ctx: BlockContext, b: slice, fp_on_q: torch.Tensor,
                   p_1: torch.Tensor | None) -> dict[str, float]:
-        """The gradient of batch `b`'s loss, accumulated window by window (`abqcli.quant.loss`: the same
-        computation per window on one process or several); each term's value over the global batch."""
+        """The gradient of batch `b`'s loss; each term's value over the global batch.
+
+        The batch's windows share one fake-quantization of the block's weights (`quantized_params`, the
+        bulk of the element-wise work of a CPU step): each window back-propagates its loss
+        (`abqcli.quant.loss`, window by window, the same computation on one process or several) into
+        detached copies of those parameters, the ranks average the copies' gradients, and one backward
+        through `quantized_params` carries the mean to the learned tensors, the same on every rank."""
+        params = self.quantized_params(ctx)
+        shared = {k: v.detach().requires_grad_(v.requires_grad) for k, v in params.items()}
         windows = range(b.start, b.stop)
-        terms = [self._window_terms(ctx, slice(w, w + 1), fp_on_q, None if p_1 is None else p_1[i:i + 1])
+        terms = [self._window_terms(ctx, slice(w, w + 1), shared, fp_on_q, None if p_1 is None else p_1[i:i + 1])
                  for i, w in enumerate(windows)]
         means = batch_means([{k: t.item() for k, t in window.items()} for window in terms], ctx.ranks)
         for window in terms:
-            window_loss(window, means, len(windows)).backward()  # the ranks then average (mean_gradients)
+            window_loss(window, means, len(windows)).backward()
+        learned = [k for k, v in shared.items() if v.requires_grad]
+        ctx.ranks.mean_gradients([shared[k] for k in learned])
+        reached = [k for k in learned if shared[k].grad is not None]
+        if reached:
+            torch.autograd.backward([params[k] for k in reached], [shared[k].grad for k in reached])
         return term_values(means)
 
-    def _window_terms(self, ctx: BlockContext, w: slice, fp_on_q: torch.Tensor,
+    def _window_terms(self, ctx: BlockContext, w: slice, params: dict[str, torch.Tensor], fp_on_q: torch.Tensor,
                       p_1: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The loss terms of window `w` (`loss.window_terms`): Y_q against Y_1 = fp_out and Y_2 = fp_on_q,
-        with the window's own fake-quantized weights (so its gradient does not depend on the others)."""
+        with the block's quantized parameters `params`."""
         attn_q = self.adapter.attention_module(ctx.qblock)
         want_kl = self.recipe.calibration.loss.attention_kl
         if want_kl and p_1 is None:
@@ -183,8 +194,7 @@ class AbqMethod(CalibrationMethod):
         bf16 = self.recipe.calibration.autocast == "bfloat16"
         try:
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
-                y_q = functional_call(ctx.qblock, self.quantized_params(ctx), (ctx.batch(ctx.q_in, w),),
-                                      ctx.kwargs)
+                y_q = functional_call(ctx.qblock, params, (ctx.batch(ctx.q_in, w),), ctx.kwargs)
         finally:
             attn_q.abq_record_probs = False
         p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
