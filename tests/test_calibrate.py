@@ -179,6 +179,23 @@ def test_learned_rounding_moves_codes_by_at_most_one_step(tmp_path, tiny_llama, 
     assert moved > 0
 
 
+def test_the_windows_of_a_step_share_one_fake_quantization_of_the_weights(tmp_path, tiny_llama, tiny_text_file,
+                                                                          monkeypatch):
+    """batch_size 2: every optimiser step fake-quantizes each of the block's 7 linears once, not once per
+    window (the gradient stays the batch's: tests/test_distributed.py compares one process, which sums the
+    windows' gradients before that backward, with two, which sum them across ranks)."""
+    import abqcli.quant.methods.abq as abq_method
+
+    calls, steps = [], []
+    monkeypatch.setattr(abq_method, "fake_quantize_weight",
+                        lambda *a, **k: calls.append(1) or fake_quantize_weight(*a, **k))
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
+    run_quantize(make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out"))
+    assert len(steps) == 2 * 3 * 2  # 2 blocks x 3 epochs x 2 batches of 2 windows
+    assert len(calls) == len(LINEARS["llama"]) * len(steps)
+
+
 def test_bf16_autocast_training_tracks_the_float32_loss(runs, tmp_path, tiny_llama, tiny_text_file):
     """`calibration.autocast: bfloat16` runs the student's products in bf16 during training only: the block
     losses differ from the float32 run's (the products really ran in bf16) but stay close to them, and the
