@@ -222,6 +222,16 @@ def test_a_rounding_the_method_cannot_run_is_refused_before_loading(tmp_path, ti
         assert not (tmp_path / "out").exists()
 
 
+def test_autocast_for_a_method_that_does_not_train_is_refused_before_loading(tmp_path, tiny_llama, tiny_text_file):
+    for method in ("gptq", "rtn"):
+        make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out", method=method)
+        recipe = load_recipe(str(tmp_path / "r.yaml"), ["calibration.autocast=bfloat16"])
+        with pytest.raises(InputError, match=f"calibration.autocast bfloat16: method {method} does not train.*"
+                                             "method: abq"):
+            run_quantize(recipe)
+        assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ the log
 
 

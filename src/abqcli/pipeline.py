@@ -44,7 +44,13 @@ from abqcli.outputs import (
 from abqcli.quant.calibrate import BlockSource, CalibrationResult, Calibrator, Progress
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
-from abqcli.recipe_checks import check_blockwise, check_loss_terms, check_recipe_fits, check_rounding
+from abqcli.recipe_checks import (
+    check_autocast,
+    check_blockwise,
+    check_loss_terms,
+    check_recipe_fits,
+    check_rounding,
+)
 from abqcli.registry import FORMATS, METHODS
 
 QUANT_LOG = "quant_log.json"
@@ -253,6 +259,7 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     ranks = ranks or DataParallel.single()
     out_dir = resolve_output(Path(recipe.output.dir), model_inputs(recipe.model.path))
     check_loss_terms(recipe)
+    check_autocast(recipe)
     check_rounding(recipe)
     check_blockwise(recipe)
     resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output is touched

@@ -23,6 +23,16 @@ def check_loss_terms(recipe: Recipe) -> None:
                          "or use calibration.method: rtn")
 
 
+def check_autocast(recipe: Recipe) -> None:
+    """`calibration.autocast` changes the dtype of the training steps only: a method that does not train
+    (`needs_loss` false: gptq, rtn) would ignore it, so the recipe is refused instead."""
+    cal = recipe.calibration
+    if cal.autocast != "none" and not METHODS.load(cal.method).needs_loss:
+        trains = [name for name in METHODS.names() if METHODS.load(name).needs_loss]
+        raise InputError(f"calibration.autocast {cal.autocast}: method {cal.method} does not train; set "
+                         f"calibration.autocast: none, or calibration.method: {' or '.join(trains)}")
+
+
 def check_rounding(recipe: Recipe) -> None:
     """`calibration.rounding` must be one the method runs (learned rounding needs a method that trains)."""
     cal = recipe.calibration
