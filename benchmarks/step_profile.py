@@ -10,8 +10,9 @@ The block is calibrated as the loop does it (`block_bench.block_context`: the FP
 `--block`), with the recipe's rotation turned off (block_bench builds an unrotated model). Phases are
 timed by wrapping the library functions that do them: the teacher passes (`run_block`), the
 attention maps of the KL term (`record_probs`), LET's activation statistics, the GPTQ Hessians and
-rounding, and the training steps. Then `--steps` more optimizer steps are timed in float32 and with the
-student's forward under `torch.autocast("cpu", torch.bfloat16)` (the backward follows it), and the
+rounding, and the training steps. The block is calibrated twice, in float32 and with
+`calibration.autocast: bfloat16` (the student's forward under `torch.autocast("cpu", torch.bfloat16)`,
+the backward following it); for each, `--steps` more optimizer steps are timed on a fresh copy, the
 float32 step is split by operator with torch.profiler, and the machine's rate on one of the block's
 matmuls is measured in both dtypes. Writes benchmarks/results/step_profile-<recipe>.json.
 """
@@ -88,7 +89,7 @@ def calibrate_block(recipe, base, block_index: int, phases: dict[str, float]) ->
     return (marks[-1] - marks[0]) / (len(marks) - 1)
 
 
-def step_seconds(recipe, base, block_index: int, steps: int, bf16: bool, profile: bool = False):
+def step_seconds(recipe, base, block_index: int, steps: int, profile: bool = False):
     """Seconds per optimizer step on a freshly prepared block (and a profiler table when asked)."""
     method, ctx = fresh_block(recipe, base, block_index)
     method.prepare(ctx)
@@ -100,8 +101,7 @@ def step_seconds(recipe, base, block_index: int, steps: int, bf16: bool, profile
     def step(i: int) -> None:
         b = i % len(batches)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            method._backward(ctx, batches[b], fp_on_q, probs[b] if probs else None)
+        method._backward(ctx, batches[b], fp_on_q, probs[b] if probs else None)
         optimizer.step()
 
     step(0)  # warm-up
@@ -133,6 +133,20 @@ def matmul_gflops(dtype: torch.dtype, m: int = 512, k: int = 576, n: int = 1536,
     return round(2 * m * k * n * reps / (time.perf_counter() - start) / 1e9, 1)
 
 
+def profile_variant(recipe, base, args, phases: dict[str, float], profile: bool) -> dict:
+    """The block's phases (`phases`: filled by the `time_phases` wrappers), its seconds per step in the
+    loop, and `--steps` more steps on a fresh copy."""
+    phases.clear()
+    per_step = calibrate_block(recipe, base, args.block, phases)
+    phases = dict(phases)  # the block's own phases; the step timings below prepare another block
+    seconds, ops = step_seconds(recipe, base, args.block, args.steps, profile=profile)
+    result = {"phases_seconds": {k: round(v, 3) for k, v in phases.items()},
+              "seconds_per_step_in_block": round(per_step, 4), "seconds_per_step": round(seconds, 4)}
+    if ops:
+        result["step_self_cpu_share"] = ops
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="configs/smollm2-w4a4.yaml")
@@ -147,18 +161,17 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe = load_recipe(args.recipe, ["calibration.rotation=none"])
     base = block_context(recipe, args.data_dir, args.block)
+    result = {"recipe": args.recipe, "block": args.block, "threads": torch.get_num_threads()}
     phases: dict[str, float] = {}
     time_phases(phases)
-    per_step = calibrate_block(recipe, base, args.block, phases)
-    phases = dict(phases)  # the block's own phases; the step timings below prepare two more blocks
-    fp32, ops = step_seconds(recipe, base, args.block, args.steps, bf16=False, profile=True)
-    bf16, _ = step_seconds(recipe, base, args.block, args.steps, bf16=True)
-    result = {"recipe": args.recipe, "block": args.block, "threads": torch.get_num_threads(),
-              "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
-              "seconds_per_step_in_block": round(per_step, 4),
-              "seconds_per_step": {"float32": round(fp32, 4), "bfloat16 autocast": round(bf16, 4)},
-              "bf16_speedup": round(fp32 / bf16, 3), "float32_step_self_cpu_share": ops,
-              "matmul_gflops": {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}}
+    for name, autocast in (("float32", "none"), ("bfloat16 autocast", "bfloat16")):
+        variant = load_recipe(args.recipe, ["calibration.rotation=none", f"calibration.autocast={autocast}"])
+        result[name] = profile_variant(variant, base, args, phases, profile=autocast == "none")
+    result["bf16_speedup"] = {"block": round(result["float32"]["phases_seconds"]["block total"]
+                                             / result["bfloat16 autocast"]["phases_seconds"]["block total"], 3),
+                              "step": round(result["float32"]["seconds_per_step"]
+                                            / result["bfloat16 autocast"]["seconds_per_step"], 3)}
+    result["matmul_gflops"] = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
     path = Path(args.out) / f"step_profile-{Path(args.recipe).stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -150,7 +150,8 @@ class CalibrationMethod:
     instance serves a whole run; `prepare` starts a block and replaces the previous block's state.
 
     needs_loss:       it trains on `calibration.loss`, so a recipe with every loss term off is refused
-                      (`abqcli.recipe_checks.check_loss_terms`);
+                      (`abqcli.recipe_checks.check_loss_terms`); it runs its training steps under
+                      `calibration.autocast`, which is refused for a method that does not train;
     default_rounding: the rounding when the recipe leaves `calibration.rounding` empty;
     roundings:        the roundings it can run (others are refused before loading the model).
     """
