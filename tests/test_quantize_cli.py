@@ -252,9 +252,10 @@ def test_ctrl_c_exits_130_and_says_to_resume(runs, tmp_path, monkeypatch, capsys
     assert rc == 130
 
 
-# every rounding mode: ABQ with nearest (the default), GPTQ and learned rounding, and the gptq method
-ROUNDINGS = ["", "rounding: gptq", "rounding: learned", "method: gptq"]
-ROUNDING_IDS = ["abq-nearest", "abq-gptq", "abq-learned", "gptq"]
+# every rounding mode: ABQ with nearest (the default), GPTQ and learned rounding, and the gptq method; and
+# learned rounding trained under bf16 autocast
+ROUNDINGS = ["", "rounding: gptq", "rounding: learned", "method: gptq", "rounding: learned\nautocast: bfloat16"]
+ROUNDING_IDS = ["abq-nearest", "abq-gptq", "abq-learned", "gptq", "abq-learned-bf16"]
 
 
 @pytest.mark.parametrize("calibration", ROUNDINGS, ids=ROUNDING_IDS)
