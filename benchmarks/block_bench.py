@@ -27,12 +27,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> recipe overrides on top of --recipe
-    "rtn": ["calibration.method=rtn", "calibration.rounding=nearest"],
-    "gptq": ["calibration.method=gptq", "calibration.rounding=gptq"],
+    "rtn": ["calibration.method=rtn", "calibration.rounding=nearest", "calibration.autocast=none"],
+    "gptq": ["calibration.method=gptq", "calibration.rounding=gptq", "calibration.autocast=none"],
     "abq+nearest": ["calibration.method=abq", "calibration.rounding=nearest"],
     "abq+gptq": ["calibration.method=abq", "calibration.rounding=gptq"],
     "abq+gptq 1 epoch": ["calibration.method=abq", "calibration.rounding=gptq", "calibration.epochs=1"],
-    "gptq sequential": ["calibration.method=gptq", "calibration.rounding=gptq", "calibration.gptq.sequential=true"],
+    "gptq sequential": ["calibration.method=gptq", "calibration.rounding=gptq", "calibration.gptq.sequential=true",
+                        "calibration.autocast=none"],
     "abq+gptq sequential": ["calibration.method=abq", "calibration.rounding=gptq", "calibration.gptq.sequential=true"],
     "abq+gptq no attention KL": ["calibration.method=abq", "calibration.rounding=gptq",
                                   "calibration.loss.attention_kl=false"],

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_BUDGET = ["calibration.nsamples=4", "calibration.batch_size=2", "calibration.epochs=1",
-                "output.formats=[abq-packed]"]
+                "calibration.autocast=none", "output.formats=[abq-packed]"]  # float32 steps, as in the README
 
 
 def quantize(recipe: str, sets: list[str], data_dir: str, out: Path, processes: int, nudged: bool = False) -> float:
