@@ -138,9 +138,9 @@ def profile_variant(recipe, base, args, phases: dict[str, float], profile: bool)
     loop, and `--steps` more steps on a fresh copy."""
     phases.clear()
     per_step = calibrate_block(recipe, base, args.block, phases)
-    phases = dict(phases)  # the block's own phases; the step timings below prepare another block
+    block_phases = dict(phases)  # the block's own; the step timings below prepare another block
     seconds, ops = step_seconds(recipe, base, args.block, args.steps, profile=profile)
-    result = {"phases_seconds": {k: round(v, 3) for k, v in phases.items()},
+    result = {"phases_seconds": {k: round(v, 3) for k, v in block_phases.items()},
               "seconds_per_step_in_block": round(per_step, 4), "seconds_per_step": round(seconds, 4)}
     if ops:
         result["step_self_cpu_share"] = ops
@@ -159,14 +159,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from abqcli.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, ["calibration.rotation=none"])
-    base = block_context(recipe, args.data_dir, args.block)
+    variants = {name: load_recipe(args.recipe, ["calibration.rotation=none", f"calibration.autocast={autocast}"])
+                for name, autocast in (("float32", "none"), ("bfloat16 autocast", "bfloat16"))}
+    base = block_context(variants["float32"], args.data_dir, args.block)
     result = {"recipe": args.recipe, "block": args.block, "threads": torch.get_num_threads()}
     phases: dict[str, float] = {}
     time_phases(phases)
-    for name, autocast in (("float32", "none"), ("bfloat16 autocast", "bfloat16")):
-        variant = load_recipe(args.recipe, ["calibration.rotation=none", f"calibration.autocast={autocast}"])
-        result[name] = profile_variant(variant, base, args, phases, profile=autocast == "none")
+    for name, variant in variants.items():
+        result[name] = profile_variant(variant, base, args, phases, profile=name == "float32")
     result["bf16_speedup"] = {"block": round(result["float32"]["phases_seconds"]["block total"]
                                              / result["bfloat16 autocast"]["phases_seconds"]["block total"], 3),
                               "step": round(result["float32"]["seconds_per_step"]
