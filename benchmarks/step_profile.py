@@ -9,8 +9,8 @@ A benchmark script, not a test: it measures and writes numbers.
 The block is calibrated as the loop does it (`block_bench.block_context`: the FP model's input to
 `--block`), with the recipe's rotation turned off (block_bench builds an unrotated model). Phases are
 timed by wrapping the library functions that do them: the teacher passes (`run_block`), the
-attention maps of the KL term (`record_probs`), LET's activation statistics, the GPTQ Hessians and
-rounding, and the training steps. The block is calibrated twice, in float32 and with
+pass that records LET's activation statistics and the attention maps of the KL term
+(`_observe_teacher`), the GPTQ Hessians and rounding, and the training steps. The block is calibrated twice, in float32 and with
 `calibration.autocast: bfloat16` (the student's forward under `torch.autocast("cpu", torch.bfloat16)`,
 the backward following it); for each, `--steps` more optimizer steps are timed on a fresh copy, the
 float32 step is split by operator with torch.profiler, and the machine's rate on one of the block's
@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-TIMED = {  # module -> functions whose wall time is a phase of the block
+TIMED = {  # module (or module:class) -> functions whose wall time is a phase of the block
     "abqcli.quant.methods": ("run_block", "collect_hessians", "gptq_quantize"),
-    "abqcli.quant.methods.abq": ("record_probs", "collect_activation_stats"),
+    "abqcli.quant.methods.abq:AbqMethod": ("_observe_teacher",),
 }
 
 
@@ -54,10 +54,12 @@ def time_phases(phases: dict[str, float]) -> None:
     """Wrap the TIMED functions so that their wall time adds up in `phases`."""
     import importlib
 
-    for module_name, names in TIMED.items():
-        module = importlib.import_module(module_name)
+    for owner_name, names in TIMED.items():
+        module_name, _, class_name = owner_name.partition(":")
+        owner = importlib.import_module(module_name)
+        owner = getattr(owner, class_name) if class_name else owner
         for name in names:
-            setattr(module, name, _timed(getattr(module, name), name, phases))
+            setattr(owner, name, _timed(getattr(owner, name), name, phases))
 
 
 def fresh_block(recipe, base, block_index: int):
@@ -95,7 +97,7 @@ def step_seconds(recipe, base, block_index: int, steps: int, profile: bool = Fal
     method.prepare(ctx)
     optimizer = torch.optim.AdamW([g for g in method.param_groups() if g["params"]], weight_decay=0.0)
     fp_on_q = ctx.run(ctx.fp_block, ctx.q_in)
-    probs = method._teacher_probs(ctx)
+    probs = method.teacher_probs
     batches = ctx.batches()
 
     def step(i: int) -> None:
@@ -120,6 +122,35 @@ def step_seconds(recipe, base, block_index: int, steps: int, profile: bool = Fal
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ops)
     return seconds, {e.key: round(e.self_cpu_time_total / total, 4) for e in ops[:12]}
+
+
+def teacher_pass_seconds(recipe, base, block_index: int) -> dict[str, float]:
+    """LET's statistics and the KL term's P_1 in one pass of the FP block (`_observe_teacher`, what the
+    method does) against the two passes it replaces (`collect_activation_stats`, then `record_probs` per
+    batch), on the same freshly set-up block."""
+    from abqcli.quant.methods.abq import record_probs
+    from abqcli.quant.transforms import collect_activation_stats
+
+    method, ctx = fresh_block(recipe, base, block_index)
+    batches = [ctx.batch(ctx.fp_in, b) for b in ctx.batches()]
+    start = time.perf_counter()
+    collect_activation_stats(ctx.fp_block, method.adapter, [((x,), ctx.kwargs) for x in batches])
+    for x in batches:
+        record_probs(ctx.fp_block, method.adapter, x, ctx.kwargs)
+    separate = time.perf_counter() - start
+    start = time.perf_counter()
+    method._observe_teacher(ctx)
+    return {"statistics pass + P_1 pass": round(separate, 3), "one pass": round(time.perf_counter() - start, 3)}
+
+
+def cpu_description() -> dict:
+    """The CPU the numbers come from: bf16 autocast pays only where it multiplies in bf16 natively."""
+    from abqcli.recipe_checks import has_native_bfloat16
+
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return {"model": names[0] if names else "unknown", "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bfloat16": has_native_bfloat16("cpu")}
 
 
 def matmul_gflops(dtype: torch.dtype, m: int = 512, k: int = 576, n: int = 1536, reps: int = 50) -> float:
@@ -154,25 +185,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=15)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--float32-only", action="store_true",
+                        help="skip the bf16 variant (slow on a CPU without native bf16: see cpu in the JSON)")
     args = parser.parse_args(argv)
     from block_bench import block_context
 
     from abqcli.recipe import load_recipe
 
+    autocasts = (("float32", "none"),) + (() if args.float32_only else (("bfloat16 autocast", "bfloat16"),))
     variants = {name: load_recipe(args.recipe, ["calibration.rotation=none", f"calibration.autocast={autocast}"])
-                for name, autocast in (("float32", "none"), ("bfloat16 autocast", "bfloat16"))}
+                for name, autocast in autocasts}
     base = block_context(variants["float32"], args.data_dir, args.block)
-    result = {"recipe": args.recipe, "block": args.block, "threads": torch.get_num_threads()}
+    result = {"recipe": args.recipe, "block": args.block, "threads": torch.get_num_threads(),
+              "cpu": cpu_description(),
+              "teacher_pass_seconds": teacher_pass_seconds(variants["float32"], base, args.block)}
     phases: dict[str, float] = {}
     time_phases(phases)
     for name, variant in variants.items():
         result[name] = profile_variant(variant, base, args, phases, profile=name == "float32")
-    result["bf16_speedup"] = {"block": round(result["float32"]["phases_seconds"]["block total"]
-                                             / result["bfloat16 autocast"]["phases_seconds"]["block total"], 3),
-                              "step": round(result["float32"]["seconds_per_step"]
-                                            / result["bfloat16 autocast"]["seconds_per_step"], 3)}
+    if not args.float32_only:
+        result["bf16_speedup"] = {
+            "block": round(result["float32"]["phases_seconds"]["block total"]
+                           / result["bfloat16 autocast"]["phases_seconds"]["block total"], 3),
+            "step": round(result["float32"]["seconds_per_step"] / result["bfloat16 autocast"]["seconds_per_step"], 3)}
     result["matmul_gflops"] = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
-    path = Path(args.out) / f"step_profile-{Path(args.recipe).stem}.json"
+    cpu = "" if result["cpu"]["native_bfloat16"] else "-no-native-bf16"
+    path = Path(args.out) / f"step_profile-{Path(args.recipe).stem}{cpu}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

@@ -126,10 +126,12 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def abq_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention with q/k/v fake-quantized at `module.abq_kv_bits` (16 = off).
 
-    With `module.abq_record_probs` set, it runs eagerly and leaves the probabilities (averaged over
-    heads) in `module.abq_probs` for the attention-KL loss; with a `softcap` (Gemma-2's attention logit
-    soft-capping, which SDPA cannot do) it runs eagerly; otherwise it calls SDPA. A sliding window is
-    already in `attention_mask` (masks are built as for SDPA).
+    With `module.abq_record_probs` set (the student in training), it runs eagerly, its output the
+    product of the probabilities it leaves (averaged over heads) in `module.abq_probs` for the
+    attention-KL loss; with `module.abq_observe_probs` set (the FP teacher), it leaves them there too but
+    its output is what it would be without (the observation does not change the pass's other results).
+    With a `softcap` (Gemma-2's attention logit soft-capping, which SDPA cannot do) it runs eagerly;
+    otherwise it calls SDPA. A sliding window is already in `attention_mask` (masks are built as for SDPA).
     """
     bits = getattr(module, "abq_kv_bits", FP_BITS)
     clip = getattr(module, "abq_kv_clip", 1.0)
@@ -143,12 +145,15 @@ def abq_attention(module: nn.Module, query, key, value, attention_mask, scaling=
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     softcap = kwargs.get("softcap")
     record = getattr(module, "abq_record_probs", False)
+    keep = record or getattr(module, "abq_observe_probs", False)
     if record or softcap:
         probs = causal_probs(query, key, attention_mask, scaling, softcap)
-        if record:
+        if keep:
             module.abq_probs = probs.mean(dim=1)
         out = torch.matmul(probs.to(value.dtype), value)
     else:
+        if keep:
+            module.abq_probs = causal_probs(query, key, attention_mask, scaling).mean(dim=1)
         mask = attention_mask[..., : key.shape[-2]] if attention_mask is not None else None
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=mask is None and query.shape[-2] > 1, scale=scaling

@@ -33,7 +33,8 @@ part in the shared norm pair's init and its own up → down pair is left out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,60 +83,79 @@ def _is_linear(mod: nn.Module) -> bool:
     return isinstance(mod, (nn.Linear, QuantLinear))
 
 
+class InputRanges:
+    """Running max / min per input channel of every linear of a block while it is registered
+    (`recording_input_ranges`): the raw material of `ActStats`."""
+
+    def __init__(self, linears: dict[str, nn.Module]):
+        self.linears = linears
+        self.hi: dict[str, torch.Tensor] = {}
+        self.lo: dict[str, torch.Tensor] = {}
+
+    def hook(self, name: str):
+        def record(_mod, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            cur_hi, cur_lo = x.amax(dim=0), x.amin(dim=0)
+            if name in self.hi:
+                torch.maximum(self.hi[name], cur_hi, out=self.hi[name])
+                torch.minimum(self.lo[name], cur_lo, out=self.lo[name])
+            else:
+                self.hi[name], self.lo[name] = cur_hi, cur_lo
+
+        return record
+
+    def stats(self, ranks: DataParallel | None = None) -> dict[str, ActStats]:
+        """`ActStats` of every linear that ran, keyed by its name relative to the block; with `ranks`,
+        over every rank's inputs (max / min reduced: exact)."""
+        if ranks is not None and ranks.active:
+            _reduce_ranges(self.linears, self.hi, self.lo, ranks)
+        return {
+            name: ActStats(
+                max_abs=torch.maximum(self.hi[name], -self.lo[name]).cpu(),
+                shift=((self.hi[name] + self.lo[name]) / 2).cpu(),
+            )
+            for name in self.linears
+            if name in self.hi
+        }
+
+
+@contextmanager
+def recording_input_ranges(block: nn.Module) -> Iterator[InputRanges]:
+    """Every nn.Linear (or QuantLinear) of `block` records the range of its inputs while inside."""
+    linears = {name: mod for name, mod in block.named_modules() if name and _is_linear(mod)}
+    ranges = InputRanges(linears)
+    handles = [mod.register_forward_pre_hook(ranges.hook(name)) for name, mod in linears.items()]
+    try:
+        yield ranges
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_activation_stats(
     block: nn.Module, adapter: Adapter, inputs: Iterable[tuple[tuple, dict]], ranks: DataParallel | None = None
 ) -> dict[str, ActStats]:
     """Run `block(*args, **kwargs)` for each captured input and return the input statistics of every
-    linear in the block that ran, keyed by its name relative to the block ("self_attn.q_proj"); with
-    `ranks`, over every rank's inputs (max / min reduced: exact).
+    linear in the block that ran (`InputRanges.stats`).
 
     Input tensors are moved to the block's device. `adapter` is accepted for symmetry with the rest of
     the API; every nn.Linear (or QuantLinear) of the block is hooked.
     """
     del adapter
-    linears = {name: mod for name, mod in block.named_modules() if name and _is_linear(mod)}
-    hi: dict[str, torch.Tensor] = {}
-    lo: dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str):
-        def hook(_mod, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
-            cur_hi, cur_lo = x.amax(dim=0), x.amin(dim=0)
-            if name in hi:
-                torch.maximum(hi[name], cur_hi, out=hi[name])
-                torch.minimum(lo[name], cur_lo, out=lo[name])
-            else:
-                hi[name], lo[name] = cur_hi, cur_lo
-
-        return hook
-
     try:
         device = next(block.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    handles = [mod.register_forward_pre_hook(make_hook(name)) for name, mod in linears.items()]
     windows = 0
-    try:
+    with recording_input_ranges(block) as ranges:
         for args, kwargs in inputs:
             block(*send_to_device(tuple(args), device), **send_to_device(dict(kwargs), device))
             windows += 1
-    finally:
-        for h in handles:
-            h.remove()
     if windows == 0:
         raise ValueError("collect_activation_stats: no calibration inputs")
-    if ranks is not None and ranks.active:
-        _reduce_ranges(linears, hi, lo, ranks)
-    return {
-        name: ActStats(
-            max_abs=torch.maximum(hi[name], -lo[name]).cpu(),
-            shift=((hi[name] + lo[name]) / 2).cpu(),
-        )
-        for name in linears
-        if name in hi
-    }
+    return ranges.stats(ranks)
 
 
 def _reduce_ranges(linears: dict[str, nn.Module], hi: dict[str, torch.Tensor], lo: dict[str, torch.Tensor],

@@ -2,7 +2,8 @@
 (DESIGN §4, steps 2-4 of the loop).
 
 prepare: LET scales/shifts and compensation vectors (`BlockTransform`, scales initialised from the FP
-         block's activation statistics), LWC clipping factors per quantized linear;
+         block's activation statistics), LWC clipping factors per quantized linear; the statistics and
+         the FP block's attention maps P_1 (the KL term's teacher) come from one pass over the FP chain;
 train:   AdamW over `epochs` passes of the calibration batches on the block loss (`abqcli.quant.loss`,
          window by window) of the quantized block
          on the quantized-chain input against Y_1 (FP block, FP-chain input) and Y_2 (FP block,
@@ -33,7 +34,7 @@ from abqcli.quant.methods import (
     Training,
 )
 from abqcli.quant.quantizer import FP_BITS, QuantizedWeight, fake_quantize_weight
-from abqcli.quant.transforms import BlockTransform, collect_activation_stats
+from abqcli.quant.transforms import ActStats, BlockTransform, recording_input_ranges
 from abqcli.recipe import Recipe
 
 TEACHER_PROBS_CACHE_BYTES = 1 << 30  # keep teacher attention maps for the whole block below this size
@@ -43,11 +44,11 @@ TEACHER_PROBS_CACHE_BYTES = 1 << 30  # keep teacher attention maps for the whole
 def record_probs(block: nn.Module, adapter: Adapter, inputs: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Head-averaged attention probabilities of `block` on `inputs`."""
     attn = adapter.attention_module(block)
-    attn.abq_record_probs = True
+    attn.abq_observe_probs = True
     try:
         block(inputs, **kwargs)
     finally:
-        attn.abq_record_probs = False
+        attn.abq_observe_probs = False
     probs, attn.abq_probs = attn.abq_probs, None
     return probs
 
@@ -71,15 +72,11 @@ class AbqMethod(CalibrationMethod):
         self.transform: BlockTransform | None = None
         self.lwc: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
         self.offsets: dict[str, nn.Parameter] = {}
+        self.teacher_probs: list[torch.Tensor] | None = None
 
     def prepare(self, ctx: BlockContext) -> None:
         cal = self.recipe.calibration
-        stats = None
-        if cal.let.enabled:
-            stats = collect_activation_stats(
-                ctx.fp_block, self.adapter, [((ctx.batch(ctx.fp_in, b),), ctx.kwargs) for b in ctx.batches()],
-                ctx.ranks,
-            )
+        stats, self.teacher_probs = self._observe_teacher(ctx)
         compensate = ctx.index < cal.compensation.first or ctx.index >= ctx.num_blocks - cal.compensation.last
         self.transform = BlockTransform(
             ctx.qblock, self.adapter, stats, let=cal.let.enabled, alpha=cal.let.alpha, shift=self.use_shift,
@@ -116,7 +113,7 @@ class AbqMethod(CalibrationMethod):
             return Training()
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         fp_on_q = ctx.run(ctx.fp_block, ctx.q_in)
-        teacher_probs = self._teacher_probs(ctx)
+        teacher_probs = self.teacher_probs
         epoch_losses: list[list[float]] = []
         terms: dict[str, float] = {}
         for epoch in range(self.recipe.epochs):
@@ -134,19 +131,40 @@ class AbqMethod(CalibrationMethod):
                 on_step(epoch, step, value)
         return Training(_mean(epoch_losses[0]), _mean(epoch_losses[-1]), terms)
 
+    def _autocast(self, ctx: BlockContext) -> torch.autocast:
+        """`calibration.autocast: bfloat16`: the student's training passes with bf16 products; the
+        teacher passes, the chains and the rounding stay float32."""
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                              enabled=self.recipe.calibration.autocast == "bfloat16")
+
     @torch.no_grad()
     def _clamp_offsets(self) -> None:
         for offset in self.offsets.values():
             offset.clamp_(-0.5, 0.5)
 
-    def _teacher_probs(self, ctx: BlockContext) -> list[torch.Tensor] | None:
-        """P_1 for every batch, kept when small (heads are averaged: nsamples * T^2 floats), else None
-        and `_loss` recomputes them per batch (DESIGN §4: long windows on big models)."""
+    @torch.no_grad()
+    def _observe_teacher(self, ctx: BlockContext) -> tuple[dict[str, ActStats] | None, list[torch.Tensor] | None]:
+        """One pass of the FP block over the FP-chain batches for what does not change within the block:
+        LET's input statistics (`let.enabled`) and P_1 of every batch for the attention-KL term. P_1 is
+        kept when small (heads are averaged: nsamples * T^2 floats), else None and `_window_terms`
+        records it per window (DESIGN §4: long windows on big models)."""
         n, t = ctx.fp_in.shape[:2]
-        if not self.recipe.calibration.loss.attention_kl or n * t * t * 4 > TEACHER_PROBS_CACHE_BYTES:
-            return None
-        return [record_probs(ctx.fp_block, self.adapter, ctx.batch(ctx.fp_in, b), ctx.kwargs)
-                for b in ctx.batches()]
+        want_stats = self.recipe.calibration.let.enabled
+        want_probs = self.recipe.calibration.loss.attention_kl and n * t * t * 4 <= TEACHER_PROBS_CACHE_BYTES
+        if not (want_stats or want_probs):
+            return None, None
+        attn = self.adapter.attention_module(ctx.fp_block)
+        probs: list[torch.Tensor] = []
+        attn.abq_observe_probs = want_probs  # the statistics are those of the pass without it
+        try:
+            with recording_input_ranges(ctx.fp_block) as ranges:
+                for b in ctx.batches():
+                    ctx.fp_block(ctx.batch(ctx.fp_in, b), **ctx.kwargs)
+                    if want_probs:
+                        probs.append(attn.abq_probs)
+        finally:
+            attn.abq_observe_probs, attn.abq_probs = False, None
+        return (ranges.stats(ctx.ranks) if want_stats else None), (probs if want_probs else None)
 
     def quantized_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
         """Transformed block parameters with every quantized linear's weight fake-quantized (differentiable):
@@ -191,9 +209,8 @@ class AbqMethod(CalibrationMethod):
         if want_kl and p_1 is None:
             p_1 = record_probs(ctx.fp_block, self.adapter, ctx.batch(ctx.fp_in, w), ctx.kwargs)
         attn_q.abq_record_probs = want_kl
-        bf16 = self.recipe.calibration.autocast == "bfloat16"
         try:
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with self._autocast(ctx):
                 y_q = functional_call(ctx.qblock, params, (ctx.batch(ctx.q_in, w),), ctx.kwargs)
         finally:
             attn_q.abq_record_probs = False
@@ -212,5 +229,6 @@ class AbqMethod(CalibrationMethod):
 
     def fold(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         states = super().fold(ctx)
-        self.transform, self.lwc, self.offsets = None, {}, {}  # the block is done: free its learnable tensors
+        # the block is done: free its learnable tensors and teacher maps
+        self.transform, self.lwc, self.offsets, self.teacher_probs = None, {}, {}, None
         return states
