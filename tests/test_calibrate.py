@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from abqcli.errors import InputError, RunError
-from abqcli.formats import QUANT_STATE
+from abqcli.formats import QUANT_STATE, RECIPE_YAML
 from abqcli.formats.manifest import layer_quant_from_meta, read_manifest
 from abqcli.pipeline import CHECKPOINT_DIR, run_quantize
 from abqcli.quant.calibrate import Progress
@@ -210,6 +211,25 @@ def test_bf16_autocast_training_tracks_the_float32_loss(runs, tmp_path, tiny_lla
     weights = load_file(str(fq / "model.safetensors"))
     for name, state in saved_states(fq).items():
         assert torch.equal(weights[f"{name}.weight"], state.dequantize()), name
+
+
+def test_autocast_auto_resolves_per_device_and_is_recorded(runs, monkeypatch, tmp_path, tiny_llama, tiny_text_file):
+    """`calibration.autocast: auto` is bfloat16 for a method that trains on a device with native bf16
+    products, none otherwise; the run records the resolved value, and on a device without native bf16
+    it is exactly the float32 run."""
+    import abqcli.recipe_checks as checks
+
+    make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out")
+    auto = load_recipe(str(tmp_path / "r.yaml"), ["calibration.autocast=auto"])
+    for native, method, expected in [(True, "abq", "bfloat16"), (False, "abq", "none"), (True, "gptq", "none")]:
+        monkeypatch.setattr(checks, "has_native_bfloat16", lambda device, native=native: native)
+        recipe = load_recipe(str(tmp_path / "r.yaml"), ["calibration.autocast=auto", f"calibration.method={method}"])
+        assert checks.resolve_autocast(recipe, "cpu").calibration.autocast == expected
+    monkeypatch.setattr(checks, "has_native_bfloat16", lambda device: False)
+    summary = run_quantize(auto)
+    assert yaml.safe_load((tmp_path / "out" / RECIPE_YAML).read_text())["calibration"]["autocast"] == "none"
+    _, fp32 = runs.get("llama")
+    assert [b["loss_last"] for b in summary["blocks"]] == [b["loss_last"] for b in fp32["blocks"]]
 
 
 def test_a_rounding_the_method_cannot_run_is_refused_before_loading(tmp_path, tiny_llama, tiny_text_file):

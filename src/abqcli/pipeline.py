@@ -45,11 +45,11 @@ from abqcli.quant.calibrate import BlockSource, CalibrationResult, Calibrator, P
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
 from abqcli.recipe_checks import (
-    check_autocast,
     check_blockwise,
     check_loss_terms,
     check_recipe_fits,
     check_rounding,
+    resolve_autocast,
 )
 from abqcli.registry import FORMATS, METHODS
 
@@ -259,10 +259,10 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     ranks = ranks or DataParallel.single()
     out_dir = resolve_output(Path(recipe.output.dir), model_inputs(recipe.model.path))
     check_loss_terms(recipe)
-    check_autocast(recipe)
     check_rounding(recipe)
     check_blockwise(recipe)
-    resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output is touched
+    device = resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output
+    recipe = resolve_autocast(recipe, device)  # is touched, as every check here
     notify = notify or (lambda line: None)
     counting = _CountingProgress(progress or Progress())
     try:

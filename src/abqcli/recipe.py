@@ -96,7 +96,8 @@ LOADINGS = ("full", "blockwise")  # model.loading
 # when they exceed the memory budget (--max-memory); calibration.cache_dtype: the model's dtype or float32
 CACHE_PLACES = ("auto", "memory", "disk")
 CACHE_DTYPES = ("model", "float32")
-AUTOCASTS = ("none", "bfloat16")  # calibration.autocast: the dtype of the student's matmuls in training
+AUTOCASTS = ("none", "bfloat16", "auto")  # calibration.autocast: the dtype of ABQ's training passes
+# (auto: bfloat16 where the device multiplies in bf16 natively, else none; `recipe_checks.resolve_autocast`)
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 W_BITS_MIN, W_BITS_MAX = 1, 8
@@ -452,7 +453,7 @@ class CalibrationSpec:
                       _expect(f"one of: {', '.join(DEVICE_CHOICES)}")] = "auto"
     cache: _choice(CACHE_PLACES) = "auto"  # where the activation caches live (abqcli.quant.cache)
     cache_dtype: _choice(CACHE_DTYPES) = "model"
-    autocast: _choice(AUTOCASTS) = "none"  # bfloat16: the training steps' products in bf16 (abq method)
+    autocast: _choice(AUTOCASTS) = "none"  # bfloat16: the training passes' products in bf16 (abq method)
 
 
 @dataclass(config=_SECTION)
