@@ -197,13 +197,21 @@ def test_the_windows_of_a_step_share_one_fake_quantization_of_the_weights(tmp_pa
     assert len(calls) == len(LINEARS["llama"]) * len(steps)
 
 
-def test_bf16_autocast_training_tracks_the_float32_loss(runs, tmp_path, tiny_llama, tiny_text_file):
+def test_bf16_autocast_training_tracks_the_float32_loss(runs, monkeypatch, tmp_path, tiny_llama, tiny_text_file):
     """`calibration.autocast: bfloat16` runs the student's products in bf16 during training only: the block
     losses differ from the float32 run's (the products really ran in bf16) but stay close to them, and the
-    export is still exactly its folded integer state."""
+    export is still exactly its folded integer state. On a device without native bf16 the run says that
+    it is slower there."""
+    from abqcli import pipeline
+
     _, fp32 = runs.get("llama")
     make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out")
-    summary = run_quantize(load_recipe(str(tmp_path / "r.yaml"), ["calibration.autocast=bfloat16"]))
+    monkeypatch.setattr(pipeline, "has_native_bfloat16", lambda device: False)
+    notices: list[str] = []
+    summary = run_quantize(load_recipe(str(tmp_path / "r.yaml"), ["calibration.autocast=bfloat16"]),
+                           notify=notices.append)
+    assert notices == [("calibration.autocast bfloat16: cpu has no native bf16 products (emulated: slower than "
+                        "float32 here); calibration.autocast: auto runs float32 on this machine")]
     for bf16_block, fp32_block in zip(summary["blocks"], fp32["blocks"], strict=True):
         assert bf16_block["loss_first"] != fp32_block["loss_first"]
         assert bf16_block["loss_last"] == pytest.approx(fp32_block["loss_last"], rel=0.1)

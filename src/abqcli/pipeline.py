@@ -49,6 +49,7 @@ from abqcli.recipe_checks import (
     check_loss_terms,
     check_recipe_fits,
     check_rounding,
+    has_native_bfloat16,
     resolve_autocast,
 )
 from abqcli.registry import FORMATS, METHODS
@@ -264,6 +265,9 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     device = resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output
     recipe = resolve_autocast(recipe, device)  # is touched, as every check here
     notify = notify or (lambda line: None)
+    if recipe.calibration.autocast == "bfloat16" and not has_native_bfloat16(device):
+        notify(f"calibration.autocast bfloat16: {device} has no native bf16 products (emulated: slower than "
+               "float32 here); calibration.autocast: auto runs float32 on this machine")
     counting = _CountingProgress(progress or Progress())
     try:
         with output_lock(out_dir) if ranks.rank == 0 else nullcontext():
