@@ -26,15 +26,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-UNTRAINED = ["calibration.autocast=none"]  # gptq and rtn do not train: a recipe's bf16 steps are refused for them
 VARIANTS = {  # name -> recipe overrides on top of --recipe
-    "rtn": ["calibration.method=rtn", "calibration.rounding=nearest", *UNTRAINED],
-    "gptq": ["calibration.method=gptq", "calibration.rounding=gptq", *UNTRAINED],
+    "rtn": ["calibration.method=rtn", "calibration.rounding=nearest"],
+    "gptq": ["calibration.method=gptq", "calibration.rounding=gptq"],
     "abq+nearest": ["calibration.method=abq", "calibration.rounding=nearest"],
     "abq+gptq": ["calibration.method=abq", "calibration.rounding=gptq"],
     "abq+gptq 1 epoch": ["calibration.method=abq", "calibration.rounding=gptq", "calibration.epochs=1"],
-    "gptq sequential": ["calibration.method=gptq", "calibration.rounding=gptq", "calibration.gptq.sequential=true",
-                        *UNTRAINED],
+    "gptq sequential": ["calibration.method=gptq", "calibration.rounding=gptq", "calibration.gptq.sequential=true"],
     "abq+gptq sequential": ["calibration.method=abq", "calibration.rounding=gptq", "calibration.gptq.sequential=true"],
     "abq+gptq no attention KL": ["calibration.method=abq", "calibration.rounding=gptq",
                                   "calibration.loss.attention_kl=false"],

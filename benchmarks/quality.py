@@ -44,7 +44,7 @@ SCHEMES = {  # name -> recipe file
     "W3A16": "configs/smollm2-w3a16.yaml",
 }
 VARIANTS = {  # row name -> recipe overrides: how the same recipe rounds its weights
-    "gptq": ["calibration.method=gptq", "calibration.rounding=gptq", "calibration.autocast=none"],  # GPTQ alone
+    "gptq": ["calibration.method=gptq", "calibration.rounding=gptq"],  # GPTQ alone
     "abq+nearest": ["calibration.method=abq", "calibration.rounding=nearest"],
     "abq+gptq": ["calibration.method=abq", "calibration.rounding=gptq"],
     "abq+learned": ["calibration.method=abq", "calibration.rounding=learned"],

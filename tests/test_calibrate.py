@@ -240,6 +240,23 @@ def test_autocast_auto_resolves_per_device_and_is_recorded(runs, monkeypatch, tm
     assert [b["loss_last"] for b in summary["blocks"]] == [b["loss_last"] for b in fp32["blocks"]]
 
 
+def test_an_unresolved_autocast_auto_follows_the_device(monkeypatch, tmp_path, tiny_llama, tiny_text_file):
+    """A caller of the loop who did not resolve `auto` (the run does: `resolve_autocast`) gets the same
+    rule in the method: bf16 training passes exactly where the device has native bf16."""
+    from types import SimpleNamespace
+
+    import abqcli.recipe_checks as checks
+    from abqcli.models.adapters import LlamaAdapter
+    from abqcli.quant.methods.abq import AbqMethod
+
+    make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out")
+    method = AbqMethod(load_recipe(str(tmp_path / "r.yaml"), ["calibration.autocast=auto"]), LlamaAdapter())
+    for native in (True, False):
+        monkeypatch.setattr(checks, "has_native_bfloat16", lambda device, native=native: native)
+        with method._autocast(SimpleNamespace(device=torch.device("cpu"))):
+            assert torch.is_autocast_enabled("cpu") == native
+
+
 def test_a_rounding_the_method_cannot_run_is_refused_before_loading(tmp_path, tiny_llama, tiny_text_file):
     for method, rounding, advice in [("rtn", "gptq", "method: abq or gptq"), ("gptq", "learned", "method: abq"),
                                      ("gptq", "nearest", "method: abq or rtn")]:

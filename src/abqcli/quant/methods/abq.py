@@ -36,6 +36,7 @@ from abqcli.quant.methods import (
 from abqcli.quant.quantizer import FP_BITS, QuantizedWeight, fake_quantize_weight
 from abqcli.quant.transforms import ActStats, BlockTransform, recording_input_ranges
 from abqcli.recipe import Recipe
+from abqcli.recipe_checks import resolve_autocast
 
 TEACHER_PROBS_CACHE_BYTES = 1 << 30  # keep teacher attention maps for the whole block below this size
 
@@ -133,9 +134,10 @@ class AbqMethod(CalibrationMethod):
 
     def _autocast(self, ctx: BlockContext) -> torch.autocast:
         """`calibration.autocast: bfloat16`: the student's training passes with bf16 products; the
-        teacher passes, the chains and the rounding stay float32."""
-        return torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                              enabled=self.recipe.calibration.autocast == "bfloat16")
+        teacher passes, the chains and the rounding stay float32. `auto` is resolved by the run
+        (`resolve_autocast`), or here, by the same rule, for a caller of the loop who did not."""
+        bf16 = resolve_autocast(self.recipe, str(ctx.device)).calibration.autocast == "bfloat16"
+        return torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     @torch.no_grad()
     def _clamp_offsets(self) -> None:
