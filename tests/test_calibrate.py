@@ -197,25 +197,6 @@ def test_the_windows_of_a_step_share_one_fake_quantization_of_the_weights(tmp_pa
     assert len(calls) == len(LINEARS["llama"]) * len(steps)
 
 
-def test_cosine_lr_schedule_decays_every_rate_over_each_block(monkeypatch, tmp_path, tiny_llama, tiny_text_file):
-    """`calibration.lr_schedule: cosine`: at step i of a block's n steps every group's rate is
-    lr · ½(1 + cos(π·i / n)), starting again at lr in the next block; `constant` keeps lr."""
-    import math
-
-    seen: list[list[float]] = []
-    step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step",
-                        lambda self, *a, **k: seen.append([g["lr"] for g in self.param_groups]) or step(self, *a, **k))
-    make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, tmp_path / "out")
-    recipe = load_recipe(str(tmp_path / "r.yaml"), ["calibration.lr_schedule=cosine"])
-    run_quantize(recipe)
-    cal = recipe.calibration
-    base = [cal.let.lr, cal.lwc.lr, cal.compensation.lr]  # the groups with parameters (no offsets here)
-    n = 3 * 2  # epochs x batches per block
-    expected = [lr * 0.5 * (1 + math.cos(math.pi * i / n)) for i in range(n) for lr in base]
-    assert [lr for rates in seen for lr in rates] == pytest.approx(expected * 2)  # two blocks
-
-
 def test_bf16_autocast_training_tracks_the_float32_loss(runs, monkeypatch, tmp_path, tiny_llama, tiny_text_file):
     """`calibration.autocast: bfloat16` runs the student's products in bf16 during training only: the block
     losses differ from the float32 run's (the products really ran in bf16) but stay close to them, and the

@@ -96,7 +96,6 @@ LOADINGS = ("full", "blockwise")  # model.loading
 # when they exceed the memory budget (--max-memory); calibration.cache_dtype: the model's dtype or float32
 CACHE_PLACES = ("auto", "memory", "disk")
 CACHE_DTYPES = ("model", "float32")
-LR_SCHEDULES = ("constant", "cosine")  # calibration.lr_schedule: every learning rate over a block's steps
 AUTOCASTS = ("none", "bfloat16", "auto")  # calibration.autocast: the dtype of ABQ's training passes
 # (auto: bfloat16 where the device multiplies in bf16 natively, else none; `recipe_checks.resolve_autocast`)
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -455,7 +454,6 @@ class CalibrationSpec:
     cache: _choice(CACHE_PLACES) = "auto"  # where the activation caches live (abqcli.quant.cache)
     cache_dtype: _choice(CACHE_DTYPES) = "model"
     autocast: _choice(AUTOCASTS) = "none"  # bfloat16: the training passes' products in bf16 (abq method)
-    lr_schedule: _choice(LR_SCHEDULES) = "constant"  # cosine: each lr decays to 0 over a block's steps
 
 
 @dataclass(config=_SECTION)

@@ -4,8 +4,7 @@
 prepare: LET scales/shifts and compensation vectors (`BlockTransform`, scales initialised from the FP
          block's activation statistics), LWC clipping factors per quantized linear; the statistics and
          the FP block's attention maps P_1 (the KL term's teacher) come from one pass over the FP chain;
-train:   AdamW (constant learning rates, or cosine-decayed over the block's steps: `lr_schedule`) over
-         `epochs` passes of the calibration batches on the block loss (`abqcli.quant.loss`,
+train:   AdamW over `epochs` passes of the calibration batches on the block loss (`abqcli.quant.loss`,
          window by window) of the quantized block
          on the quantized-chain input against Y_1 (FP block, FP-chain input) and Y_2 (FP block,
          quantized-chain input);
@@ -114,7 +113,6 @@ class AbqMethod(CalibrationMethod):
         if not groups:
             return Training()
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        schedule = self._lr_schedule(optimizer, self.steps(ctx))
         fp_on_q = ctx.run(ctx.fp_block, ctx.q_in)
         teacher_probs = self.teacher_probs
         epoch_losses: list[list[float]] = []
@@ -129,18 +127,10 @@ class AbqMethod(CalibrationMethod):
                 if not math.isfinite(value):
                     raise NonFiniteLoss(epoch, step)
                 optimizer.step()
-                schedule.step()
                 self._clamp_offsets()
                 epoch_losses[-1].append(value)
                 on_step(epoch, step, value)
         return Training(_mean(epoch_losses[0]), _mean(epoch_losses[-1]), terms)
-
-    def _lr_schedule(self, optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """`calibration.lr_schedule`: `constant`, or `cosine`, each group's rate at step i (from 0) of a
-        block's `steps` being lr · ½(1 + cos(π·i / steps)): from lr at the first step towards 0 at the last."""
-        if self.recipe.calibration.lr_schedule == "constant":
-            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
 
     def _autocast(self, ctx: BlockContext) -> torch.autocast:
         """`calibration.autocast: bfloat16`: the student's training passes with bf16 products; the
