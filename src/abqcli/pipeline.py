@@ -262,8 +262,8 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     check_loss_terms(recipe)
     check_rounding(recipe)
     check_blockwise(recipe)
-    device = resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output
-    recipe = resolve_autocast(recipe, device)  # is touched, as every check here
+    device = resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output is
+    recipe = resolve_autocast(recipe, device)  # touched; the run records the resolved autocast
     notify = notify or (lambda line: None)
     if recipe.calibration.autocast == "bfloat16" and not has_native_bfloat16(device):
         notify(f"calibration.autocast bfloat16: {device} has no native bf16 products (emulated: slower than "

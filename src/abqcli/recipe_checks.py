@@ -29,7 +29,8 @@ def check_loss_terms(recipe: Recipe) -> None:
 def has_native_bfloat16(device: str) -> bool:
     """Whether `device` (a resolved torch device) multiplies bf16 matrices natively, i.e. faster than
     float32: a CUDA GPU with bf16 support, or a CPU with AMX or AVX512-BF16 (without them torch emulates
-    bf16 on the CPU, measured 8x slower than float32 on an AVX2 EPYC: README, Calibration step)."""
+    bf16 on the CPU: on an AVX2 EPYC its products were 7x and a calibration block 10x slower than float32;
+    README, Calibration step)."""
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
     cpu = torch.cpu

@@ -155,17 +155,14 @@ class AbqMethod(CalibrationMethod):
         want_probs = self.recipe.calibration.loss.attention_kl and n * t * t * 4 <= TEACHER_PROBS_CACHE_BYTES
         if not (want_stats or want_probs):
             return None, None
-        attn = self.adapter.attention_module(ctx.fp_block)
         probs: list[torch.Tensor] = []
-        attn.abq_observe_probs = want_probs  # the statistics are those of the pass without it
-        try:
-            with recording_input_ranges(ctx.fp_block) as ranges:
-                for b in ctx.batches():
-                    ctx.fp_block(ctx.batch(ctx.fp_in, b), **ctx.kwargs)
-                    if want_probs:
-                        probs.append(attn.abq_probs)
-        finally:
-            attn.abq_observe_probs, attn.abq_probs = False, None
+        with recording_input_ranges(ctx.fp_block) as ranges:  # record_probs leaves the statistics as they are
+            for b in ctx.batches():
+                inputs = ctx.batch(ctx.fp_in, b)
+                if want_probs:
+                    probs.append(record_probs(ctx.fp_block, self.adapter, inputs, ctx.kwargs))
+                else:
+                    ctx.fp_block(inputs, **ctx.kwargs)
         return (ranges.stats(ctx.ranks) if want_stats else None), (probs if want_probs else None)
 
     def quantized_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
