@@ -239,6 +239,21 @@ class RichCalibrationProgress:
         self.progress.console.print(f"{self._name(log.block)}: {loss}, {log.seconds:.1f} s, "
                                     f"peak {log.peak_memory_mb:.0f} MB", markup=False, highlight=False)
 
+    def finetune_start(self, steps: int) -> None:
+        self.task = self.progress.add_task("finetune", total=steps, info="")
+        _plain(self.progress, f"finetune: training the scales end to end, {steps} steps")
+
+    def finetune_step(self, step: int, loss: float) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, info=f"KL {loss:.5f}")
+
+    def finetune_end(self, log) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        self.progress.console.print(f"finetune: KL {log.loss_first:.5f} -> {log.loss_last:.5f}, {log.seconds:.1f} s",
+                                    markup=False, highlight=False)
+
 
 @app.command("quantize")
 def quantize_cmd(

@@ -17,6 +17,7 @@ complete new tree is assembled in a temporary sibling and swapped in at the end,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -46,6 +47,7 @@ from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
 from abqcli.recipe_checks import (
     check_blockwise,
+    check_finetune_processes,
     check_loss_terms,
     check_recipe_fits,
     check_rounding,
@@ -129,6 +131,15 @@ class _CountingProgress(Progress):
     def block_end(self, log) -> None:
         self.blocks += 1
         self.inner.block_end(log)
+
+    def finetune_start(self, steps: int) -> None:
+        self.inner.finetune_start(steps)
+
+    def finetune_step(self, step: int, loss: float) -> None:
+        self.inner.finetune_step(step, loss)
+
+    def finetune_end(self, log) -> None:
+        self.inner.finetune_end(log)
 
 
 def is_quantize_output(directory: Path) -> bool:
@@ -262,6 +273,7 @@ def run_quantize(recipe: Recipe, data_dir: str | None = None, overwrite: bool = 
     check_loss_terms(recipe)
     check_rounding(recipe)
     check_blockwise(recipe)
+    check_finetune_processes(recipe, ranks.world)
     device = resolve_device(recipe.calibration.device, "calibration.device")  # refused before the output is
     recipe = resolve_autocast(recipe, device)  # touched; the run records the resolved autocast
     notify = notify or (lambda line: None)
@@ -339,6 +351,7 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     if ranks.rank == 0:
         _open_output(out_dir, recipe_yaml)
     start = time.perf_counter()
+    teacher = copy.deepcopy(model) if recipe.finetune.enabled else None  # the FP model, for the finetune stage
     rotation = rotate_model(model, adapter, cal.rotation, cal.seed, lambda name: recipe.layer_quant(name) is not None,
                             recipe.kv_bits)
     set_kv_quant(model, adapter, 16, rotation.kv_transform)  # blocks run through abq's attention; FP until calibrated
@@ -351,6 +364,8 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     if ranks.rank != 0:
         return {"rank": ranks.rank, **processes, "seconds": round(time.perf_counter() - start, 2)}
     set_kv_quant(model, adapter, result.kv_bits, rotation.kv_transform, recipe.kv_clip)
+    finetuned = _finetune(recipe, model, teacher, result, windows, device, progress) if teacher else None
+    del teacher
     provenance = build_provenance(recipe, source, text, result.fingerprint)
     provenance["rotation"] = rotation.provenance()
     with replacing(out_dir) as stage:  # the previous output (and the checkpoint) go once this is complete
@@ -373,10 +388,28 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
             "seconds": round(time.perf_counter() - start, 2),
             "peak_memory_mb": max((b.peak_memory_mb for b in result.log), default=0.0),
             "blocks": [asdict(b) for b in result.log],
+            "finetune": asdict(finetuned) if finetuned else None,
             "provenance": provenance,
         }
         (stage / QUANT_LOG).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _finetune(recipe: Recipe, model, teacher, result: CalibrationResult, windows: torch.Tensor,
+              device: torch.device, progress: Progress):
+    """The finetune stage (`abqcli.quant.finetune`) on the calibrated model: `result.quantized` gets the
+    trained scales, the model's quantized linears their weights."""
+    from abqcli.quant.fakequant import QuantLinear
+    from abqcli.quant.finetune import finetune_scales
+
+    spec, cal = recipe.finetune, recipe.calibration
+    qlinears = {name: module for name, module in model.named_modules()
+                if isinstance(module, QuantLinear) and name in result.quantized}
+    progress.finetune_start(spec.steps)
+    log = finetune_scales(model, teacher, qlinears, result.quantized, windows, spec.steps, spec.lr,
+                          cal.batch_size, cal.seed, cal.autocast == "bfloat16", device, progress.finetune_step)
+    progress.finetune_end(log)
+    return log
 
 
 def _load(recipe: Recipe, out_dir: Path, ranks: DataParallel):

@@ -65,6 +65,7 @@ __all__ = [
     "CalibrationSpec",
     "CompensationSpec",
     "EvalSpec",
+    "FinetuneSpec",
     "GptqSpec",
     "KVSpec",
     "LETSpec",
@@ -108,6 +109,7 @@ MAX_NSAMPLES = 1_000_000
 MAX_SEQLEN = 1 << 20  # tokens per window
 MAX_BATCH_SIZE = MAX_NSAMPLES
 MAX_EPOCHS = 10_000
+MAX_FINETUNE_STEPS = 1_000_000
 MAX_GROUP_SIZE = 1 << 20  # input features of one linear
 MAX_BLOCKS = 10_000  # compensation.first / last count decoder blocks
 MAX_SEED = 2**32 - 1  # numpy / torch seed range
@@ -457,6 +459,18 @@ class CalibrationSpec:
 
 
 @dataclass(config=_SECTION)
+class FinetuneSpec:
+    """End-to-end tuning of the weight scales after the block loop (`abqcli.quant.finetune`, docs/ROUNDING.md):
+    `steps` Adam steps, each on `calibration.batch_size` calibration windows, at learning rate `lr` (of the
+    relative scale steps), on the KL divergence between the FP model's next-token distribution and the
+    quantized model's. Codes and zero points stay as the block loop left them."""
+
+    enabled: Flag = False
+    steps: _int(1, cap=MAX_FINETUNE_STEPS) = 32
+    lr: Rate = 1e-3
+
+
+@dataclass(config=_SECTION)
 class OutputSpec:
     """Where results go and which artefacts are written (`abqcli.registry.FORMATS`)."""
 
@@ -495,6 +509,7 @@ class Recipe:
                          _expect("a mapping of glob pattern -> {weights: ..., activations: ...}", items=True)
                          ] = Field(default_factory=dict)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 

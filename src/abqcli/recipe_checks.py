@@ -76,6 +76,9 @@ def check_blockwise(recipe: Recipe) -> None:
     if recipe.calibration.rotation != "none":
         raise InputError(f"calibration.rotation {recipe.calibration.rotation} rotates the whole model at once: "
                          "not with model.loading: blockwise (use model.loading: full)")
+    if recipe.finetune.enabled:
+        raise InputError("finetune trains through the whole model at once: not with model.loading: blockwise "
+                         "(use model.loading: full, or finetune.enabled: false)")
     others = [fmt for fmt in recipe.output.formats if fmt != "abq-packed"]
     if others:
         raise InputError(f"model.loading: blockwise writes abq-packed only, block by block; output.formats "
@@ -166,3 +169,10 @@ def check_formats_hold(recipe: Recipe, model, adapter) -> None:
         problem = FORMATS.load(fmt).recipe_problem(recipe.calibration.rotation, recipe.kv_bits, in_features, layers)
         if problem:
             raise InputError(f"output.formats {fmt}: {problem}")
+
+
+def check_finetune_processes(recipe: Recipe, processes: int) -> None:
+    """The finetune stage runs in one process: refused under torchrun with several."""
+    if recipe.finetune.enabled and processes > 1:
+        raise InputError(f"finetune runs in one process, this run has {processes} (torchrun): run it without "
+                         "torchrun, or with finetune.enabled: false")

@@ -76,13 +76,15 @@ HASH_CHUNK = 1 << 22  # elements
 
 def fingerprint(state: Iterable[tuple[str, torch.Tensor]], recipe: Recipe, windows: torch.Tensor) -> str:
     """sha256 over the model's state dict (`state`: (name, tensor) in name order), the recipe fields that
-    change the result, and the data."""
+    change the calibrated blocks, and the data."""
     digest = hashlib.sha256()
     for name, tensor in state:
         digest.update(name.encode())
         for chunk in tensor.detach().reshape(-1).split(HASH_CHUNK):  # a float32 copy of a chunk at a time
             digest.update(chunk.cpu().float().numpy().tobytes())
-    relevant = {k: v for k, v in recipe.to_dict().items() if k not in ("output", "eval")}
+    # `finetune` runs after the last block and changes none of them: a resume with other finetune
+    # settings keeps the checkpointed blocks and runs only that stage anew
+    relevant = {k: v for k, v in recipe.to_dict().items() if k not in ("output", "eval", "finetune")}
     for section, key in WHERE_NOT_WHAT:
         relevant[section].pop(key)
     digest.update(json.dumps(relevant, sort_keys=True).encode())

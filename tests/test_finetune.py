@@ -1,0 +1,148 @@
+"""The finetune stage (`abqcli.quant.finetune`): end-to-end scale tuning after the block loop.
+
+- it changes only scales: codes and zero points are the block loop's, every scale is stored-precision
+  (float16), every saved weight is the dequantized integer state;
+- it lowers the KL divergence to the FP model on the calibration windows (weight-only and W4A4 with kv);
+- nothing is lost: interrupted in the stage, --resume keeps every checkpointed block and gives the same
+  bytes; a resume with other finetune settings re-runs only the stage;
+- what it cannot run is refused before the model loads.
+
+Tiny runs (2 blocks, 4 windows x 32 tokens), one torch thread (see test_quantize_cli).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from abqcli.errors import InputError, RunError
+from abqcli.evaluate import open_model
+from abqcli.pipeline import CHECKPOINT_DIR, QuantizeInterrupted, calibration_windows, run_quantize
+from abqcli.quant import finetune
+from abqcli.quant.calibrate import Progress
+from abqcli.recipe import load_recipe
+from abqcli.recipe_checks import check_finetune_processes
+from test_calibrate import make_recipe, saved_states
+from test_quantize_cli import assert_same_files
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FINETUNE = "finetune: {enabled: true, steps: 8, lr: 2.0e-2}"
+
+
+def quantize(tmp_path: Path, model: Path, text: Path, scheme: str, extra: str, method: str = "rtn",
+             sets: tuple[str, ...] = (), progress: Progress | None = None, resume: bool = False) -> Path:
+    """A run in `tmp_path` with the relative output `out` (runs in different folders write the same bytes)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(tmp_path):
+        make_recipe(Path("recipe.yaml"), model, text, Path("out"), scheme, extra, method)
+        run_quantize(load_recipe("recipe.yaml", list(sets)), progress=progress, resume=resume)
+    return tmp_path / "out"
+
+
+def kl_to_fp(output: Path, fp_model: Path, windows: torch.Tensor) -> float:
+    """Mean KL(p_FP ‖ p_output) over `windows`."""
+    student = open_model(str(output / "hf-fakequant"), "float32", "cpu").model
+    teacher = open_model(str(fp_model), "float32", "cpu").model
+    with torch.no_grad():
+        return float(finetune.distillation_kl(student(windows).logits, teacher(windows).logits))
+
+
+@pytest.mark.parametrize(("scheme", "extra"), [("w3a16", "weights: {group_size: 48}"), ("w4a4", "")],
+                         ids=["w3a16g48", "w4a4"])
+def test_finetune_trains_only_the_scales_and_lowers_the_kl(tmp_path, tiny_llama, tiny_text_file, scheme, extra):
+    plain = quantize(tmp_path / "plain", tiny_llama, tiny_text_file, scheme, extra)
+    tuned = quantize(tmp_path / "tuned", tiny_llama, tiny_text_file, scheme, f"{extra}\n{FINETUNE}")
+    before, after = saved_states(plain / "hf-fakequant"), saved_states(tuned / "hf-fakequant")
+    assert sorted(before) == sorted(after)
+    for name, state in after.items():
+        assert torch.equal(state.codes, before[name].codes), name
+        assert torch.equal(state.zero, before[name].zero), name
+        assert torch.equal(state.scale, state.scale.half().float()), name  # stored precision
+    assert any(not torch.equal(after[n].scale, before[n].scale) for n in after)
+    weights = load_file(str(tuned / "hf-fakequant" / "model.safetensors"))
+    for name, state in after.items():
+        assert torch.equal(weights[f"{name}.weight"], state.dequantize()), name
+    log = json.loads((tuned / "quant_log.json").read_text())["finetune"]
+    assert log["steps"] == 8 and log["loss_last"] < log["loss_first"]
+    assert json.loads((plain / "quant_log.json").read_text())["finetune"] is None
+
+    recipe = load_recipe(str(tmp_path / "tuned" / "recipe.yaml"))
+    tokenizer = open_model(str(tiny_llama), "float32", "cpu").tokenizer
+    windows, _ = calibration_windows(recipe, tokenizer, None)
+    assert kl_to_fp(tuned, tiny_llama, windows) < kl_to_fp(plain, tiny_llama, windows)
+
+
+def test_the_windows_of_each_pass_are_a_seeded_permutation():
+    batches = finetune.window_order(5, 7, 2, seed=3)
+    assert [len(b) for b in batches] == [2, 2, 1, 2, 2, 1, 2]
+    assert sorted(torch.cat(batches[:3]).tolist()) == [0, 1, 2, 3, 4]
+    assert sorted(torch.cat(batches[3:6]).tolist()) == [0, 1, 2, 3, 4]
+    assert all(torch.equal(a, b) for a, b in zip(batches, finetune.window_order(5, 7, 2, seed=3)))
+    assert not all(torch.equal(a, b) for a, b in zip(batches, finetune.window_order(5, 7, 2, seed=4)))
+
+
+class StopInFinetune(Progress):
+    """Ctrl-C at finetune step `step`; records the blocks the loop calibrated."""
+
+    def __init__(self, step: int | None = None):
+        self.step_at, self.calibrated = step, []
+
+    def block_start(self, block, num_blocks, steps):
+        self.calibrated.append(block)
+
+    def finetune_step(self, step, loss):
+        if step == self.step_at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_finetune_resumes_from_the_blocks_to_the_same_bytes(tmp_path, tiny_llama, tiny_text_file):
+    reference = quantize(tmp_path / "ref", tiny_llama, tiny_text_file, "w4a4", FINETUNE, method="abq")
+    with pytest.raises(QuantizeInterrupted) as stopped:
+        quantize(tmp_path / "run", tiny_llama, tiny_text_file, "w4a4", FINETUNE, method="abq",
+                 progress=StopInFinetune(3))
+    assert "2 completed block(s) are checkpointed" in stopped.value.advice
+    assert (tmp_path / "run" / "out" / CHECKPOINT_DIR).is_dir()
+    resumed = StopInFinetune()
+    out = quantize(tmp_path / "run", tiny_llama, tiny_text_file, "w4a4", FINETUNE, method="abq",
+                   progress=resumed, resume=True)
+    assert resumed.calibrated == []  # both blocks came from the checkpoint
+    assert_same_files(reference / "hf-fakequant", out / "hf-fakequant")
+
+
+def test_a_resume_with_other_finetune_settings_reruns_only_the_stage(tmp_path, tiny_llama, tiny_text_file):
+    other = ("finetune.lr=5.0e-2",)
+    reference = quantize(tmp_path / "ref", tiny_llama, tiny_text_file, "w4a4", FINETUNE, method="abq", sets=other)
+    with pytest.raises(QuantizeInterrupted):
+        quantize(tmp_path / "run", tiny_llama, tiny_text_file, "w4a4", FINETUNE, method="abq",
+                 progress=StopInFinetune(0))
+    resumed = StopInFinetune()
+    out = quantize(tmp_path / "run", tiny_llama, tiny_text_file, "w4a4", FINETUNE, method="abq", sets=other,
+                   progress=resumed, resume=True)
+    assert resumed.calibrated == []
+    assert_same_files(reference / "hf-fakequant", out / "hf-fakequant")
+
+
+def test_a_non_finite_finetune_loss_says_what_to_do(tmp_path, tiny_llama, tiny_text_file, monkeypatch):
+    monkeypatch.setattr(finetune, "distillation_kl", lambda *a: torch.tensor(math.nan, requires_grad=True))
+    with pytest.raises(RunError, match=r"finetune step 0 .* lower finetune\.lr .* --resume"):
+        quantize(tmp_path, tiny_llama, tiny_text_file, "w4a16", FINETUNE)
+    assert (tmp_path / "out" / CHECKPOINT_DIR).is_dir()  # the blocks are kept
+
+
+def test_finetune_is_refused_where_it_cannot_run(tmp_path, tiny_llama, tiny_text_file):
+    path = tmp_path / "recipe.yaml"
+    make_recipe(path, tiny_llama, tiny_text_file, tmp_path / "out", "w4a16", FINETUNE)
+    with pytest.raises(InputError, match="finetune trains through the whole model"):
+        run_quantize(load_recipe(str(path), ["model.loading=blockwise", "output.formats=[abq-packed]"]))
+    with pytest.raises(InputError, match="finetune runs in one process, this run has 2"):
+        check_finetune_processes(load_recipe(str(path)), 2)
+    with pytest.raises(InputError, match="finetune.steps"):
+        load_recipe(str(path), ["finetune.steps=0"])
+    assert not (tmp_path / "out").exists()
