@@ -467,7 +467,7 @@ class FinetuneSpec:
 
     enabled: Flag = False
     steps: _int(1, cap=MAX_FINETUNE_STEPS) = 32
-    lr: Rate = 1e-3
+    lr: Rate = 3e-3  # SmolLM2 W4A16 g128, 32 steps of 2 x 512 tokens: 1e-3 22.394, 3e-3 22.164, 1e-2 22.737
 
 
 @dataclass(config=_SECTION)
