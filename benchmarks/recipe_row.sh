@@ -17,6 +17,6 @@ start=$(date +%s)
 echo "$(( $(date +%s) - start ))" > "$dest/seconds.txt"
 cp "$out/recipe.yaml" "$out/quant_log.json" "$dest/"
 .venv/bin/abq eval --model "$out/abq-packed" --data-dir "$DATA_DIR" --seqlen 2048 --limit 16 \
-  --json "$dest/eval.json" > /dev/null
+  --json "$dest/eval.json" > "$dest/eval.txt" 2>&1
 python3 -c "import json,sys; print(sys.argv[1], json.load(open(sys.argv[2]))['ppl'], open(sys.argv[3]).read().strip(), 's')" \
   "$name" "$dest/eval.json" "$dest/seconds.txt"

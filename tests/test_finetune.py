@@ -79,6 +79,15 @@ def test_finetune_trains_only_the_scales_and_lowers_the_kl(tmp_path, tiny_llama,
     assert kl_to_fp(tuned, tiny_llama, windows) < kl_to_fp(plain, tiny_llama, windows)
 
 
+def test_distillation_kl_is_the_mean_over_tokens_of_kl_teacher_to_student():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    p = teacher.softmax(-1)
+    expected = (p * (p.log() - student.log_softmax(-1))).sum(-1).mean()
+    assert torch.allclose(finetune.distillation_kl(student, teacher), expected)
+    assert float(finetune.distillation_kl(teacher, teacher)) == pytest.approx(0, abs=1e-6)
+
+
 def test_the_windows_of_each_pass_are_a_seeded_permutation():
     batches = finetune.window_order(5, 7, 2, seed=3)
     assert [len(b) for b in batches] == [2, 2, 1, 2, 2, 1, 2]

@@ -327,6 +327,7 @@ def _print_quantize_header(recipe, ranks) -> None:
         if ranks.active else ""
     err.print(f"abq quantize: {describe(recipe)}, method {recipe.calibration.method}, "
               + (f"{rotation} rotation, " if rotation != "none" else "")
+              + (f"finetune {recipe.finetune.steps} steps, " if recipe.finetune.enabled else "")
               + f"model {recipe.model.path} -> {recipe.output.dir}{processes}", markup=False, highlight=False)
 
 

@@ -40,7 +40,8 @@ FinetuneStep = Callable[[int, float], None]  # (step counted from 0, loss)
 
 @dataclass
 class FinetuneLog:
-    """What the stage reports for quant_log.json: mean KL over its first and last tenth of steps."""
+    """What the stage reports for quant_log.json: the KL of the first step's windows before training
+    (that step's loss) and after it, on the same windows, so the two compare."""
 
     steps: int
     loss_first: float
@@ -111,8 +112,9 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
     for p in frozen:
         p.requires_grad_(False)
     losses: list[float] = []
+    order = window_order(len(windows), steps, batch_size, seed)
     try:
-        for step, batch in enumerate(window_order(len(windows), steps, batch_size, seed)):
+        for step, batch in enumerate(order):
             optimizer.zero_grad(set_to_none=True)
             loss = _step_backward(model, teacher, trainable, windows[batch], autocast, device)
             if not math.isfinite(loss):
@@ -127,11 +129,10 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
         for p in frozen:
             p.requires_grad_(True)
     _write_back(trainable, qlinears, states)
+    after = _batch_kl(model, teacher, windows[order[0]], autocast, device)
     model.to("cpu")
     teacher.to("cpu")
-    tenth = max(1, len(losses) // 10)
-    return FinetuneLog(len(losses), _mean(losses[:tenth]), _mean(losses[-tenth:]),
-                       round(time.perf_counter() - start, 3))
+    return FinetuneLog(len(losses), losses[0], after, round(time.perf_counter() - start, 3))
 
 
 def _step_backward(model: nn.Module, teacher: nn.Module, trainable: dict[str, TrainableScales],
@@ -158,12 +159,21 @@ def _step_backward(model: nn.Module, teacher: nn.Module, trainable: dict[str, Tr
 
 
 @torch.no_grad()
+def _batch_kl(model: nn.Module, teacher: nn.Module, batch: torch.Tensor, autocast: bool,
+              device: torch.device) -> float:
+    """The mean KL of `batch`'s windows, as a training step computes it, without gradients."""
+    total = 0.0
+    for window in batch:
+        ids = window.unsqueeze(0).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids).logits
+        total += float(distillation_kl(logits, teacher(ids).logits)) / len(batch)
+    return total
+
+
+@torch.no_grad()
 def _write_back(trainable: dict[str, TrainableScales], qlinears: dict[str, QuantLinear],
                 states: dict[str, QuantizedWeight]) -> None:
     for name, scales in trainable.items():
         states[name] = scales.final_state()
         qlinears[name].weight.copy_(states[name].dequantize().to(qlinears[name].weight.dtype))
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
