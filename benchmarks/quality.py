@@ -51,6 +51,8 @@ VARIANTS = {  # row name -> recipe overrides: how the same recipe rounds its wei
     "no rotation": ["calibration.rotation=none"],
     "hadamard": ["calibration.rotation=hadamard"],
     "random-orthogonal": ["calibration.rotation=random-orthogonal"],
+    "no finetune": ["finetune.enabled=false"],  # the block loop alone (docs/ROUNDING.md, Finetune)
+    "finetune": ["finetune.enabled=true"],
 }
 NO_ROTATION = ["calibration.rotation=none"]
 RECIPE_ROW = "recipe"

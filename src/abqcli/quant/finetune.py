@@ -111,7 +111,7 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    losses: list[float] = []
+    first = math.nan
     order = window_order(len(windows), steps, batch_size, seed)
     try:
         for step, batch in enumerate(order):
@@ -122,7 +122,7 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
                                "are checkpointed: lower finetune.lr (e.g. --set finetune.lr=1e-4) and rerun "
                                "with --resume")
             optimizer.step()
-            losses.append(loss)
+            first = loss if step == 0 else first
             if on_step is not None:
                 on_step(step, loss)
     finally:
@@ -132,7 +132,7 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
     after = _batch_kl(model, teacher, windows[order[0]], autocast, device)
     model.to("cpu")
     teacher.to("cpu")
-    return FinetuneLog(len(losses), losses[0], after, round(time.perf_counter() - start, 3))
+    return FinetuneLog(len(order), first, after, round(time.perf_counter() - start, 3))
 
 
 def _step_backward(model: nn.Module, teacher: nn.Module, trainable: dict[str, TrainableScales],
