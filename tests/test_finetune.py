@@ -29,7 +29,7 @@ from abqcli.quant.calibrate import Progress
 from abqcli.recipe import load_recipe
 from abqcli.recipe_checks import check_finetune_processes
 from test_calibrate import make_recipe, saved_states
-from test_quantize_cli import assert_same_files
+from test_quantize_cli import abq, assert_same_files, flat, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -155,3 +155,13 @@ def test_finetune_is_refused_where_it_cannot_run(tmp_path, tiny_llama, tiny_text
     with pytest.raises(InputError, match="finetune.steps"):
         load_recipe(str(path), ["finetune.steps=0"])
     assert not (tmp_path / "out").exists()
+
+
+def test_abq_quantize_shows_the_stage_and_its_kl(tmp_path, tiny_llama, tiny_text_file, capsys):
+    recipe = write_recipe(tmp_path, tiny_llama, tiny_text_file, "w4a16", FINETUNE)
+    assert abq(tmp_path, "quantize", recipe) == 0
+    err = flat(capsys.readouterr().err)
+    assert "method abq, finetune 8 steps, model" in err
+    assert "finetune: training the scales end to end, 8 steps" in err
+    log = json.loads((tmp_path / "out" / "quant_log.json").read_text())["finetune"]
+    assert f"finetune: KL of the first step's windows {log['loss_first']:.5f} -> {log['loss_last']:.5f}" in err

@@ -251,8 +251,11 @@ class RichCalibrationProgress:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
-        self.progress.console.print(f"finetune: KL {log.loss_first:.5f} -> {log.loss_last:.5f}, {log.seconds:.1f} s",
-                                    markup=False, highlight=False)
+        worse = (" (higher after training: too few steps for finetune.lr, or too high a rate; compare the "
+                 "perplexity with finetune.enabled: false)") if log.loss_last > log.loss_first else ""
+        self.progress.console.print(f"finetune: KL of the first step's windows {log.loss_first:.5f} -> "
+                                    f"{log.loss_last:.5f}, {log.seconds:.1f} s{worse}",
+                                    markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("quantize")
