@@ -222,40 +222,43 @@ class RichCalibrationProgress:
     def _name(self, block: int) -> str:
         return f"block {block + 1}/{self.num_blocks}"
 
+    def _start(self, name: str, steps: int, line: str) -> None:
+        self.task = self.progress.add_task(name, total=steps, info="")
+        _plain(self.progress, line)
+
+    def _advance(self, info: str) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, info=info)
+
+    def _end(self, line: str) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     def block_start(self, block: int, num_blocks: int, steps: int) -> None:
         self.num_blocks = num_blocks
-        self.task = self.progress.add_task(self._name(block), total=steps, info="")
-        _plain(self.progress, f"{self._name(block)}: " + (f"training {steps} steps" if steps else "rounding"))
+        self._start(self._name(block), steps,
+                    f"{self._name(block)}: " + (f"training {steps} steps" if steps else "rounding"))
 
     def step(self, block: int, epoch: int, step: int, loss: float) -> None:
-        if self.task is not None:
-            self.progress.update(self.task, advance=1, info=f"epoch {epoch + 1} loss {loss:.5f}")
+        self._advance(f"epoch {epoch + 1} loss {loss:.5f}")
 
     def block_end(self, log) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-            self.task = None
         loss = "rounded" if log.loss_first is None else f"loss {log.loss_first:.5f} -> {log.loss_last:.5f}"
-        self.progress.console.print(f"{self._name(log.block)}: {loss}, {log.seconds:.1f} s, "
-                                    f"peak {log.peak_memory_mb:.0f} MB", markup=False, highlight=False)
+        self._end(f"{self._name(log.block)}: {loss}, {log.seconds:.1f} s, peak {log.peak_memory_mb:.0f} MB")
 
     def finetune_start(self, steps: int) -> None:
-        self.task = self.progress.add_task("finetune", total=steps, info="")
-        _plain(self.progress, f"finetune: training the scales end to end, {steps} steps")
+        self._start("finetune", steps, f"finetune: training the scales end to end, {steps} steps")
 
     def finetune_step(self, step: int, loss: float) -> None:
-        if self.task is not None:
-            self.progress.update(self.task, advance=1, info=f"KL {loss:.5f}")
+        self._advance(f"KL {loss:.5f}")
 
     def finetune_end(self, log) -> None:
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-            self.task = None
         worse = (" (higher after training: too few steps for finetune.lr, or too high a rate; compare the "
                  "perplexity with finetune.enabled: false)") if log.loss_last > log.loss_first else ""
-        self.progress.console.print(f"finetune: KL of the first step's windows {log.loss_first:.5f} -> "
-                                    f"{log.loss_last:.5f}, {log.seconds:.1f} s{worse}",
-                                    markup=False, highlight=False, soft_wrap=True)
+        self._end(f"finetune: KL of the first step's windows {log.loss_first:.5f} -> {log.loss_last:.5f}, "
+                  f"{log.seconds:.1f} s{worse}")
 
 
 @app.command("quantize")
