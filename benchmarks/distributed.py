@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# float32 steps, as in the README; the block loop alone (finetune runs in one process: refused under torchrun)
 SMALL_BUDGET = ["calibration.nsamples=4", "calibration.batch_size=2", "calibration.epochs=1",
-                "calibration.autocast=none", "output.formats=[abq-packed]"]  # float32 steps, as in the README
+                "calibration.autocast=none", "finetune.enabled=false", "output.formats=[abq-packed]"]
 
 
 def quantize(recipe: str, sets: list[str], data_dir: str, out: Path, processes: int, nudged: bool = False) -> float:

@@ -33,7 +33,7 @@ def packed_storage(recipe: str, data_dir: str, workdir: Path) -> dict:
     out = workdir / Path(recipe).stem
     cmd = [sys.executable, "-m", "abqcli.cli", "quantize", str(ROOT / recipe), "--data-dir", data_dir,
            "--output", str(out), "--set", "calibration.method=rtn", "--set", "calibration.rounding=nearest",
-           "--set", "calibration.rotation=none",
+           "--set", "calibration.rotation=none", "--set", "finetune.enabled=false",
            "--set", "output.formats=[abq-packed]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
