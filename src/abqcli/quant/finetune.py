@@ -135,6 +135,17 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
     return FinetuneLog(len(order), first, after, round(time.perf_counter() - start, 3))
 
 
+def _window_kl(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, autocast: bool,
+               weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """KL of one window [1, T]: the teacher without gradients, the model (with `weights` substituted)
+    under bf16 autocast when asked."""
+    with torch.no_grad():
+        target = teacher(ids).logits
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = functional_call(model, weights or {}, (ids,)).logits
+    return distillation_kl(logits, target)
+
+
 def _step_backward(model: nn.Module, teacher: nn.Module, trainable: dict[str, TrainableScales],
                    batch: torch.Tensor, autocast: bool, device: torch.device) -> float:
     """The gradient of one step's mean KL in every t; returns that loss. The step's windows share one
@@ -144,12 +155,7 @@ def _step_backward(model: nn.Module, teacher: nn.Module, trainable: dict[str, Tr
     shared = {key: w.detach().requires_grad_(True) for key, w in weights.items()}
     total = 0.0
     for window in batch:
-        ids = window.unsqueeze(0).to(device)
-        with torch.no_grad():
-            target = teacher(ids).logits
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = functional_call(model, shared, (ids,)).logits
-        loss = distillation_kl(logits, target) / len(batch)
+        loss = _window_kl(model, teacher, window.unsqueeze(0).to(device), autocast, shared) / len(batch)
         loss.backward()
         total += loss.item()
     reached = [key for key in weights if shared[key].grad is not None]  # a MoE expert no token reached: none
@@ -162,13 +168,7 @@ def _step_backward(model: nn.Module, teacher: nn.Module, trainable: dict[str, Tr
 def _batch_kl(model: nn.Module, teacher: nn.Module, batch: torch.Tensor, autocast: bool,
               device: torch.device) -> float:
     """The mean KL of `batch`'s windows, as a training step computes it, without gradients."""
-    total = 0.0
-    for window in batch:
-        ids = window.unsqueeze(0).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(ids).logits
-        total += float(distillation_kl(logits, teacher(ids).logits)) / len(batch)
-    return total
+    return sum(float(_window_kl(model, teacher, w.unsqueeze(0).to(device), autocast)) for w in batch) / len(batch)
 
 
 @torch.no_grad()
