@@ -15,6 +15,7 @@ from abqcli.quant.loss import (
     causal_kl,
     mean_cosine,
     term_values,
+    token_normalized_mse,
     window_loss,
     window_terms,
 )
@@ -200,6 +201,38 @@ def test_cosine_term_of_opposite_outputs_is_clamped_not_nan():
     value, _ = block_loss(a, -a, -a, None, None, _cosine_only())
     assert torch.isfinite(value)
     assert value.item() == pytest.approx(-2 * math.log(PROB_EPS), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------- token-normalized MSE
+
+
+def test_token_normalized_mse_by_hand():
+    y_q, y = _hidden(0), _hidden(1)
+    r2 = (y ** 2).mean(dim=-1, keepdim=True) + 1e-6
+    expected = (((y_q - y) ** 2) / r2).mean()
+    assert token_normalized_mse(y_q, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    spec = LossSpec(mse=True, cosine=False, attention_kl=False, token_normalized=True)
+    _, terms = block_loss(y_q, y, y, None, None, spec)
+    assert terms == pytest.approx({"mse_1": expected.item(), "mse_2": expected.item()}, rel=1e-6)
+
+
+def test_token_normalized_mse_weighs_a_massive_token_like_any_other():
+    """One token 1000x larger with the same relative error: plain MSE is all that token, MSE_n is not."""
+    y = _hidden(0, (1, 4, 8))
+    y_q = y * 1.01
+    massive = torch.ones(1, 4, 1)
+    massive[0, 0] = 1000.0
+    assert token_normalized_mse(y_q * massive, y * massive).item() == pytest.approx(
+        token_normalized_mse(y_q, y).item(), rel=1e-5)
+    plain = F.mse_loss(y_q * massive, y * massive).item()
+    assert F.mse_loss((y_q * massive)[:, :1], (y * massive)[:, :1]).item() / 4 > 0.99 * plain
+
+
+def test_token_normalized_mse_passes_no_gradient_through_the_target_norm():
+    y_q, y = _hidden(0).requires_grad_(True), _hidden(1).requires_grad_(True)
+    token_normalized_mse(y_q, y).backward()
+    r2 = (y.detach() ** 2).mean(dim=-1, keepdim=True) + 1e-6
+    assert torch.allclose(y.grad, -2 * (y_q.detach() - y.detach()) / r2 / y.numel(), rtol=1e-5)
 
 
 def test_window_by_window_gives_the_whole_batch_loss_and_gradient():

@@ -403,11 +403,13 @@ class CompensationSpec:
 
 @dataclass(config=_SECTION)
 class LossSpec:
-    """Which distribution-correction loss terms are on (ablations)."""
+    """Which distribution-correction loss terms are on (ablations), and `token_normalized`: the MSE terms
+    on each token's output divided by the root mean square of its target (`abqcli.quant.loss`)."""
 
     mse: Flag = True
     cosine: Flag = True
     attention_kl: Flag = True
+    token_normalized: Flag = False
 
 
 @dataclass(config=_SECTION)

@@ -7,6 +7,15 @@ Y_q: quantized block on the quantized-chain input; Y_1: FP block on the FP-chain
 the quantized-chain input; P: attention probabilities averaged over heads. The KL is taken row-wise over
 keys on the causal entries only, on P itself (the reference code's second softmax is not applied).
 
+`loss.token_normalized` replaces each MSE by the MSE of the token-normalized outputs,
+
+    MSE_n(Y_q, Y) = 1/(T·H) · Σ_t ‖Y_q,t − Y_t‖² / r_t²,    r_t² = ‖Y_t‖² / H + ε    (r: no gradient),
+
+the error as the next RMSNorm sees it. Plain MSE weighs a token by its squared norm: in SmolLM2 from block
+12 on, the first token of every window carries "massive activations" (mean square ~10⁶ against a median
+~30), so four such tokens hold ~98% of a batch's squared norm and the plain MSE trains those blocks on
+them alone.
+
 A batch is computed window by window (`window_terms` of each window's own forward), on one process as
 over several (`abqcli.distributed`, each rank holding an equal slice of the batch), so that a window's
 forward and gradient are the same computation wherever it runs and only the order of summing the
@@ -27,6 +36,14 @@ from abqcli.distributed import DataParallel
 from abqcli.recipe import LossSpec
 
 PROB_EPS = 1e-10
+RMS_EPS = 1e-6  # the ε of a typical RMSNorm
+
+
+def token_normalized_mse(y_q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MSE_n of the module docstring: each token's squared error over its target's mean square."""
+    y_q, y = y_q.float(), y.float()
+    r2 = y.detach().pow(2).mean(dim=-1, keepdim=True) + RMS_EPS
+    return ((y_q - y).pow(2) / r2).mean()
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -55,8 +72,9 @@ def window_terms(y_q: torch.Tensor, y_1: torch.Tensor, y_2: torch.Tensor, p_q: t
     as they enter the loss, the cosine ones as the mean cosine c (the loss has −log c̄)."""
     terms: dict[str, torch.Tensor] = {}
     if spec.mse:
-        terms["mse_1"] = F.mse_loss(y_q.float(), y_1.float())
-        terms["mse_2"] = F.mse_loss(y_q.float(), y_2.float())
+        mse = token_normalized_mse if spec.token_normalized else F.mse_loss
+        terms["mse_1"] = mse(y_q.float(), y_1.float())
+        terms["mse_2"] = mse(y_q.float(), y_2.float())
     if spec.cosine:
         terms["cos_1"] = mean_cosine(y_q, y_1)
         terms["cos_2"] = mean_cosine(y_q, y_2)
