@@ -97,6 +97,25 @@ def test_the_windows_of_each_pass_are_a_seeded_permutation():
     assert not all(torch.equal(a, b) for a, b in zip(batches, finetune.window_order(5, 7, 2, seed=4)))
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_learning_rate_of_each_step_follows_the_schedule(tiny_llama, tiny_text_file, tmp_path, schedule):
+    path = tmp_path / "recipe.yaml"
+    make_recipe(path, tiny_llama, tiny_text_file, tmp_path / "out", "w4a16", FINETUNE)
+    spec = load_recipe(str(path), [f"finetune.schedule={schedule}", "finetune.steps=6"]).finetune
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=spec.lr)
+    schedule_of_steps = finetune.learning_rate_schedule(optimizer, spec)
+    rates = []
+    for _ in range(spec.steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule_of_steps.step()
+    if schedule == "constant":
+        expected = [spec.lr] * 6
+    else:
+        expected = [spec.lr * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+
+
 class StopInFinetune(Progress):
     """Ctrl-C at finetune step `step`; records the blocks the loop calibrated."""
 
@@ -154,6 +173,8 @@ def test_finetune_is_refused_where_it_cannot_run(tmp_path, tiny_llama, tiny_text
         check_finetune_processes(load_recipe(str(path)), 2)
     with pytest.raises(InputError, match="finetune.steps"):
         load_recipe(str(path), ["finetune.steps=0"])
+    with pytest.raises(InputError, match="finetune.schedule"):
+        load_recipe(str(path), ["finetune.schedule=linear"])
     assert not (tmp_path / "out").exists()
 
 

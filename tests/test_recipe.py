@@ -96,7 +96,7 @@ def test_defaults_filled():
     assert (c.compensation.enabled, c.compensation.first, c.compensation.last, c.compensation.lr) == (
         True, 3, 4, 1e-2)
     assert (c.loss.mse, c.loss.cosine, c.loss.attention_kl) == (True, True, True)
-    assert (r.finetune.enabled, r.finetune.steps, r.finetune.lr) == (False, 32, 3e-3)
+    assert (r.finetune.enabled, r.finetune.steps, r.finetune.lr, r.finetune.schedule) == (False, 32, 3e-3, "constant")
     assert r.output.dir == "out/abq" and r.output.formats == ["abq-packed"]
     assert r.eval.datasets == ["wikitext2"] and r.eval.seqlen == 2048
     d = r.to_dict()

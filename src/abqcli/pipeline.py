@@ -406,8 +406,8 @@ def _finetune(recipe: Recipe, model, teacher, result: CalibrationResult, windows
     qlinears = {name: module for name, module in model.named_modules()
                 if isinstance(module, QuantLinear) and name in result.quantized}
     progress.finetune_start(spec.steps)
-    log = finetune_scales(model, teacher, qlinears, result.quantized, windows, spec.steps, spec.lr,
-                          cal.batch_size, cal.seed, cal.autocast == "bfloat16", device, progress.finetune_step)
+    log = finetune_scales(model, teacher, qlinears, result.quantized, windows, spec, cal.batch_size, cal.seed,
+                          cal.autocast == "bfloat16", device, progress.finetune_step)
     progress.finetune_end(log)
     return log
 

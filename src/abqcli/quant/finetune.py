@@ -9,7 +9,10 @@ block is quantized, the codes q and zero points z stay fixed and the scales of e
     L    = 1/T · Σ_tokens KL(p_FP ‖ p_Q)      next-token distributions of the FP model and the quantized one
 
 over the calibration windows, `calibration.batch_size` windows a step in an order drawn from
-`calibration.seed`, for `finetune.steps` steps (the windows are cycled). The quantized model runs as in
+`calibration.seed`, for `finetune.steps` steps (the windows are cycled), the learning rate constant or
+(`finetune.schedule: cosine`) falling from `finetune.lr` at step 0 towards 0 after the last step,
+
+    lr_k = lr · ½ · (1 + cos(π · k / steps)),    k = 0 … steps − 1. The quantized model runs as in
 calibration: activations and q/k/v fake-quantized per token (gradients straight through), online
 transforms applied, its products under `calibration.autocast`; the FP teacher runs as loaded. Relative
 steps (t) make one learning rate fit every layer, whatever the size of its weights.
@@ -34,6 +37,7 @@ from torch.func import functional_call
 from abqcli.errors import RunError
 from abqcli.quant.fakequant import QuantLinear
 from abqcli.quant.quantizer import SCALE_MAX, SCALE_MIN, QuantizedWeight
+from abqcli.recipe import FinetuneSpec
 
 FinetuneStep = Callable[[int, float], None]  # (step counted from 0, loss)
 
@@ -97,22 +101,24 @@ def window_order(n: int, steps: int, batch_size: int, seed: int) -> list[torch.T
 
 
 def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, QuantLinear],
-                    states: dict[str, QuantizedWeight], windows: torch.Tensor, steps: int, lr: float,
+                    states: dict[str, QuantizedWeight], windows: torch.Tensor, spec: FinetuneSpec,
                     batch_size: int, seed: int, autocast: bool, device: torch.device,
                     on_step: FinetuneStep | None = None) -> FinetuneLog:
     """Train the scales of `qlinears` (full names, their integer states in `states`) through `model`
-    against `teacher` on `windows` [n, T]; replaces `states`' entries and the linears' weights with the
-    result. Both models run on `device` and go back to the CPU."""
+    against `teacher` on `windows` [n, T] for `spec.steps` steps at `spec.lr` on `spec.schedule`; replaces
+    `states`' entries and the linears' weights with the result. Both models run on `device` and go back
+    to the CPU."""
     start = time.perf_counter()
     model.to(device)
     teacher.to(device)
     trainable = {name: TrainableScales(states[name], qlinears[name].weight.dtype, device) for name in qlinears}
-    optimizer = torch.optim.Adam([s.t for s in trainable.values()], lr=lr)
+    optimizer = torch.optim.Adam([s.t for s in trainable.values()], lr=spec.lr)
+    schedule = learning_rate_schedule(optimizer, spec)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     first = math.nan
-    order = window_order(len(windows), steps, batch_size, seed)
+    order = window_order(len(windows), spec.steps, batch_size, seed)
     try:
         for step, batch in enumerate(order):
             optimizer.zero_grad(set_to_none=True)
@@ -122,6 +128,7 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
                                "are checkpointed: lower finetune.lr (e.g. --set finetune.lr=1e-4) and rerun "
                                "with --resume")
             optimizer.step()
+            schedule.step()
             first = loss if step == 0 else first
             if on_step is not None:
                 on_step(step, loss)
@@ -133,6 +140,14 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
     model.to("cpu")
     teacher.to("cpu")
     return FinetuneLog(len(order), first, after, round(time.perf_counter() - start, 3))
+
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer,
+                           spec: FinetuneSpec) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate of each step (module docstring), stepped once after each optimizer step."""
+    if spec.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.steps, eta_min=0.0)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
 def _window_kl(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, autocast: bool,
