@@ -12,10 +12,12 @@ over the calibration windows, `calibration.batch_size` windows a step in an orde
 `calibration.seed`, for `finetune.steps` steps (the windows are cycled), the learning rate constant or
 (`finetune.schedule: cosine`) falling from `finetune.lr` at step 0 towards 0 after the last step,
 
-    lr_k = lr · ½ · (1 + cos(π · k / steps)),    k = 0 … steps − 1. The quantized model runs as in
-calibration: activations and q/k/v fake-quantized per token (gradients straight through), online
-transforms applied, its products under `calibration.autocast`; the FP teacher runs as loaded. Relative
-steps (t) make one learning rate fit every layer, whatever the size of its weights.
+    lr_k = lr · ½ · (1 + cos(π · k / steps)),    k = 0 … steps − 1.
+
+The quantized model runs as in calibration: activations and q/k/v fake-quantized per token (gradients
+straight through), online transforms applied, its products under `calibration.autocast`; the FP teacher
+runs as loaded. Relative steps (t) make one learning rate fit every layer, whatever the size of its
+weights.
 
 At the end every scale is clamped to the quantizer's range and rounded to its stored precision
 (`weights.scale_dtype`), and each quantized linear's weight becomes (q − z)·s: codes and zero points,
