@@ -221,6 +221,27 @@ def test_bf16_autocast_training_tracks_the_float32_loss(runs, monkeypatch, tmp_p
         assert torch.equal(weights[f"{name}.weight"], state.dequantize()), name
 
 
+def test_bf16_passes_move_the_targets_and_keep_the_export_exact(runs, tmp_path, tiny_llama, tiny_text_file):
+    """`calibration.autocast_passes: true` with a bf16 `autocast`: the FP teacher and both chains run in bf16
+    too, so the block losses (against other targets) differ from those of float32 passes but stay close,
+    and the export is still exactly its folded integer state; with `autocast: none` it changes nothing."""
+    _, fp32 = runs.get("llama")
+    losses = {}
+    for autocast in ("bfloat16", "none"):
+        for passes in ("false", "true"):
+            out = tmp_path / f"{autocast}-{passes}"
+            make_recipe(tmp_path / "r.yaml", tiny_llama, tiny_text_file, out)
+            recipe = load_recipe(str(tmp_path / "r.yaml"), [f"calibration.autocast={autocast}",
+                                                            f"calibration.autocast_passes={passes}"])
+            losses[autocast, passes] = [b["loss_last"] for b in run_quantize(recipe)["blocks"]]
+            weights = load_file(str(out / "hf-fakequant" / "model.safetensors"))
+            for name, state in saved_states(out / "hf-fakequant").items():
+                assert torch.equal(weights[f"{name}.weight"], state.dequantize()), name
+    assert losses["none", "true"] == losses["none", "false"] == [b["loss_last"] for b in fp32["blocks"]]
+    assert losses["bfloat16", "true"] != losses["bfloat16", "false"]
+    assert losses["bfloat16", "true"] == pytest.approx(losses["bfloat16", "false"], rel=0.1)
+
+
 def test_autocast_auto_resolves_per_device_and_is_recorded(runs, monkeypatch, tmp_path, tiny_llama, tiny_text_file):
     """`calibration.autocast: auto` is bfloat16 for a method that trains on a device with native bf16
     products, none otherwise; the run records the resolved value, and on a device without native bf16

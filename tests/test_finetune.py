@@ -88,6 +88,23 @@ def test_distillation_kl_is_the_mean_over_tokens_of_kl_teacher_to_student():
     assert float(finetune.distillation_kl(teacher, teacher)) == pytest.approx(0, abs=1e-6)
 
 
+def test_the_teacher_runs_in_bf16_only_when_asked(tiny_llama):
+    """`autocast` = (model, teacher): the teacher's logits under bf16 autocast (`calibration.autocast_passes`)
+    move the KL a little; the model's setting does not touch the teacher."""
+    model = open_model(str(tiny_llama), "float32", "cpu").model
+    teacher = open_model(str(tiny_llama), "float32", "cpu").model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    ids = torch.arange(3, 35).unsqueeze(0)
+    with torch.no_grad():
+        kl = {flags: float(finetune._window_kl(model, teacher, ids, flags)) for flags in
+              [(False, False), (False, True), (True, False)]}
+    assert kl[False, True] != kl[False, False]
+    assert kl[False, True] == pytest.approx(kl[False, False], rel=0.1)
+    assert kl[True, False] != kl[False, False]
+
+
 def test_the_windows_of_each_pass_are_a_seeded_permutation():
     batches = finetune.window_order(5, 7, 2, seed=3)
     assert [len(b) for b in batches] == [2, 2, 1, 2, 2, 1, 2]

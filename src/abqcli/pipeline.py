@@ -407,7 +407,8 @@ def _finetune(recipe: Recipe, model, teacher, result: CalibrationResult, windows
                 if isinstance(module, QuantLinear) and name in result.quantized}
     progress.finetune_start(spec.steps)
     log = finetune_scales(model, teacher, qlinears, result.quantized, windows, spec, cal.batch_size, cal.seed,
-                          cal.autocast == "bfloat16", device, progress.finetune_step)
+                          cal.autocast == "bfloat16", device, progress.finetune_step,
+                          teacher_autocast=cal.autocast == "bfloat16" and cal.autocast_passes)
     progress.finetune_end(log)
     return log
 

@@ -38,6 +38,7 @@ from abqcli.quant.fakequant import wrap_block_linears
 from abqcli.quant.methods import BlockContext, CalibrationMethod, NonFiniteLoss, run_block
 from abqcli.quant.quantizer import FP_BITS, LayerQuant, QuantizedWeight
 from abqcli.recipe import Recipe
+from abqcli.recipe_checks import resolve_autocast
 from abqcli.registry import METHODS
 
 
@@ -142,6 +143,8 @@ class Calibrator:
         self.method: CalibrationMethod = METHODS.load(recipe.calibration.method)(recipe, adapter)
         self.source = source or BlockSource()
         self.cache = cache or ActivationCache()
+        cal = resolve_autocast(recipe, str(device)).calibration
+        self.bf16_passes = cal.autocast_passes and cal.autocast == "bfloat16"
 
     def run(self, resume: bool = False) -> CalibrationResult:
         """Every block in order (see the module docstring); with a `BlockSource` that does not keep the
@@ -186,12 +189,12 @@ class Calibrator:
         attention.abq_kv_bits, attention.abq_kv_clip = self.kv_bits, self.kv_clip
         dev_kwargs = send_to_device(kwargs, self.device)
         with counting_tokens(fp_block) as expert_tokens:  # the FP model's routing of the calibration tokens
-            fp_out = run_block(fp_block, fp_in, dev_kwargs, self.device, self.cache)
+            fp_out = run_block(fp_block, fp_in, dev_kwargs, self.device, self.cache, self.bf16_passes)
         expert_tokens = {name: self.ranks.sum_(torch.tensor(counts)).tolist()
                          for name, counts in sorted(expert_tokens.items())}
         return BlockContext(index, len(self.blocks), block, fp_block, qlinears, fp_in, q_in, fp_out, dev_kwargs,
                             self.device, self.batch_size, expert_tokens, unrouted_linears(expert_tokens, qlinears),
-                            self.ranks, self.cache)
+                            self.ranks, self.cache, self.bf16_passes)
 
     def _block(self, ctx: BlockContext, checkpoint: Checkpoint,
                logs: list[BlockLog]) -> tuple[dict[str, QuantizedWeight], torch.Tensor]:

@@ -105,11 +105,11 @@ def window_order(n: int, steps: int, batch_size: int, seed: int) -> list[torch.T
 def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, QuantLinear],
                     states: dict[str, QuantizedWeight], windows: torch.Tensor, spec: FinetuneSpec,
                     batch_size: int, seed: int, autocast: bool, device: torch.device,
-                    on_step: FinetuneStep | None = None) -> FinetuneLog:
+                    on_step: FinetuneStep | None = None, teacher_autocast: bool = False) -> FinetuneLog:
     """Train the scales of `qlinears` (full names, their integer states in `states`) through `model`
     against `teacher` on `windows` [n, T] for `spec.steps` steps at `spec.lr` on `spec.schedule`; replaces
     `states`' entries and the linears' weights with the result. Both models run on `device` and go back
-    to the CPU."""
+    to the CPU. `autocast`, `teacher_autocast`: the model's, the teacher's products under bf16 autocast."""
     start = time.perf_counter()
     model.to(device)
     teacher.to(device)
@@ -124,7 +124,7 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
     try:
         for step, batch in enumerate(order):
             optimizer.zero_grad(set_to_none=True)
-            loss = _step_backward(model, teacher, trainable, windows[batch], autocast, device)
+            loss = _step_backward(model, teacher, trainable, windows[batch], (autocast, teacher_autocast), device)
             if not math.isfinite(loss):
                 raise RunError(f"non-finite loss at finetune step {step} (counted from 0); the calibrated blocks "
                                "are checkpointed: lower finetune.lr (e.g. --set finetune.lr=1e-4) and rerun "
@@ -138,7 +138,7 @@ def finetune_scales(model: nn.Module, teacher: nn.Module, qlinears: dict[str, Qu
         for p in frozen:
             p.requires_grad_(True)
     _write_back(trainable, qlinears, states)
-    after = _batch_kl(model, teacher, windows[order[0]], autocast, device)
+    after = _batch_kl(model, teacher, windows[order[0]], (autocast, teacher_autocast), device)
     model.to("cpu")
     teacher.to("cpu")
     return FinetuneLog(len(order), first, after, round(time.perf_counter() - start, 3))
@@ -152,19 +152,19 @@ def learning_rate_schedule(optimizer: torch.optim.Optimizer,
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def _window_kl(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, autocast: bool,
+def _window_kl(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, autocast: tuple[bool, bool],
                weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """KL of one window [1, T]: the teacher without gradients, the model (with `weights` substituted)
-    under bf16 autocast when asked."""
-    with torch.no_grad():
+    """KL of one window [1, T]: the teacher without gradients, the model (with `weights` substituted);
+    `autocast`: (model, teacher) under bf16 autocast."""
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast[1]):
         target = teacher(ids).logits
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast[0]):
         logits = functional_call(model, weights or {}, (ids,)).logits
     return distillation_kl(logits, target)
 
 
 def _step_backward(model: nn.Module, teacher: nn.Module, trainable: dict[str, TrainableScales],
-                   batch: torch.Tensor, autocast: bool, device: torch.device) -> float:
+                   batch: torch.Tensor, autocast: tuple[bool, bool], device: torch.device) -> float:
     """The gradient of one step's mean KL in every t; returns that loss. The step's windows share one
     computation of the weights: each window back-propagates into detached copies of them, and one
     backward carries their summed gradient to the scales (a window's logits [T, V] at a time in memory)."""
@@ -182,7 +182,7 @@ def _step_backward(model: nn.Module, teacher: nn.Module, trainable: dict[str, Tr
 
 
 @torch.no_grad()
-def _batch_kl(model: nn.Module, teacher: nn.Module, batch: torch.Tensor, autocast: bool,
+def _batch_kl(model: nn.Module, teacher: nn.Module, batch: torch.Tensor, autocast: tuple[bool, bool],
               device: torch.device) -> float:
     """The mean KL of `batch`'s windows, as a training step computes it, without gradients."""
     return sum(float(_window_kl(model, teacher, w.unsqueeze(0).to(device), autocast)) for w in batch) / len(batch)

@@ -52,15 +52,16 @@ def batches(n: int, batch_size: int) -> list[slice]:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, device: torch.device,
-              cache: ActivationCache | None = None) -> torch.Tensor:
+              cache: ActivationCache | None = None, bf16: bool = False) -> torch.Tensor:
     """`block` (float32) on every window of `inputs` ([n, T, H], CPU), one window at a time on `device`;
     the outputs on the CPU in a tensor of `cache` (default: float32 in RAM). Window by window, so that
     these outputs (teachers, chains, Hessians) do not depend on how the windows are batched for
     training or split between processes: float rounding of a matmul can depend on how many rows it
-    multiplies at once."""
+    multiplies at once. `bf16`: the block's products under bf16 autocast (`calibration.autocast_passes`)."""
     outputs = None
     for i in range(len(inputs)):
-        window = block(inputs[i:i + 1].to(device, torch.float32), **kwargs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            window = block(inputs[i:i + 1].to(device, torch.float32), **kwargs)
         if outputs is None:
             outputs = (cache or ActivationCache()).empty((len(inputs), *window.shape[1:]))
         outputs[i] = window[0]
@@ -88,7 +89,9 @@ class BlockContext:
     unrouted: the quantized linears of experts no calibration token was routed to: rounded to nearest
               on their full range (no learned clipping or rounding, no Hessian), i.e. RTN;
     ranks:    this process's place in a data-parallel run: the chains hold its share of the windows, and
-              what feeds the block's learnable tensors is reduced across ranks (`abqcli.distributed`).
+              what feeds the block's learnable tensors is reduced across ranks (`abqcli.distributed`);
+    bf16_passes: the forward-only passes (`run`, the teacher's observation) under bf16 autocast
+              (`calibration.autocast_passes` with a bf16 `autocast`); else float32.
     """
 
     index: int
@@ -106,6 +109,7 @@ class BlockContext:
     unrouted: frozenset[str] = frozenset()
     ranks: DataParallel = field(default_factory=DataParallel.single)
     cache: ActivationCache = field(default_factory=ActivationCache)
+    bf16_passes: bool = False
 
     def batches(self) -> list[slice]:
         """The calibration batches over the windows (`calibration.batch_size`)."""
@@ -113,7 +117,7 @@ class BlockContext:
 
     def run(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """`module` (qblock or fp_block) on every window of `inputs`, without gradients; CPU output."""
-        return run_block(module, inputs, self.kwargs, self.device, self.cache)
+        return run_block(module, inputs, self.kwargs, self.device, self.cache, self.bf16_passes)
 
     def batch(self, cached: torch.Tensor, b: slice) -> torch.Tensor:
         """Windows `b` of a cached tensor on the device, in float32 (what the block computes in)."""

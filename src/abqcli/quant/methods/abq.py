@@ -156,7 +156,8 @@ class AbqMethod(CalibrationMethod):
         if not (want_stats or want_probs):
             return None, None
         probs: list[torch.Tensor] = []
-        with recording_input_ranges(ctx.fp_block) as ranges:  # record_probs leaves the statistics as they are
+        bf16 = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16_passes)
+        with bf16, recording_input_ranges(ctx.fp_block) as ranges:  # record_probs leaves the statistics as they are
             for b in ctx.batches():
                 inputs = ctx.batch(ctx.fp_in, b)
                 if want_probs:
