@@ -57,7 +57,7 @@ def block_context(recipe, data_dir: str | None, block_index: int):
     model, tokenizer, _ = load_model(recipe.model.path, recipe.model.dtype, "cpu",
                                      lambda cfg: check_seqlen(cal.seqlen, cfg))
     adapter = adapter_for(model)
-    windows, _ = calibration_windows(recipe, tokenizer, data_dir)
+    windows = calibration_windows(recipe, tokenizer, data_dir).windows
     set_kv_quant(model, adapter, 16)
     calibrator = Calibrator(model, adapter, recipe, windows, Path("/nonexistent"), torch.device("cpu"))
     hidden, block_kwargs = adapter.capture_block_inputs(model, windows)

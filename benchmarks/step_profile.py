@@ -12,7 +12,8 @@ timed by wrapping the library functions that do them: the teacher passes (`run_b
 pass that records LET's activation statistics and the attention maps of the KL term
 (`_observe_teacher`), the GPTQ Hessians and rounding, and the training steps. The block is calibrated twice, in float32 and with
 `calibration.autocast: bfloat16` (the student's forward under `torch.autocast("cpu", torch.bfloat16)`,
-the backward following it); for each, `--steps` more optimizer steps are timed on a fresh copy, the
+the backward following it), and a third time with `calibration.autocast_passes: true` as well (the
+teacher and chain passes under the same autocast); for each, `--steps` more optimizer steps are timed on a fresh copy, the
 float32 step is split by operator with torch.profiler, and the machine's rate on one of the block's
 matmuls is measured in both dtypes. Writes benchmarks/results/step_profile-<recipe>.json.
 """
@@ -67,6 +68,8 @@ def fresh_block(recipe, base, block_index: int):
     from abqcli.registry import METHODS
 
     calibrator, block, hidden, kwargs = base
+    cal = recipe.calibration
+    calibrator.bf16_passes = cal.autocast_passes and cal.autocast == "bfloat16"  # as the variant's loop would
     ctx = calibrator._context(block_index, copy.deepcopy(block), hidden, hidden, kwargs)
     method = METHODS.load(recipe.calibration.method)(recipe, calibrator.adapter)
     for p in ctx.qblock.parameters():
@@ -192,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from abqcli.recipe import load_recipe
 
-    autocasts = (("float32", "none"),) + (() if args.float32_only else (("bfloat16 autocast", "bfloat16"),))
-    variants = {name: load_recipe(args.recipe, ["calibration.rotation=none", f"calibration.autocast={autocast}"])
-                for name, autocast in autocasts}
+    autocasts = (("float32", "none", "false"),) + (() if args.float32_only else (
+        ("bfloat16 autocast", "bfloat16", "false"), ("bfloat16 autocast, passes too", "bfloat16", "true")))
+    variants = {name: load_recipe(args.recipe, ["calibration.rotation=none", f"calibration.autocast={autocast}",
+                                                f"calibration.autocast_passes={passes}"])
+                for name, autocast, passes in autocasts}
     base = block_context(variants["float32"], args.data_dir, args.block)
     result = {"recipe": args.recipe, "block": args.block, "threads": torch.get_num_threads(),
               "cpu": cpu_description(),
@@ -207,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         result["bf16_speedup"] = {
             "block": round(result["float32"]["phases_seconds"]["block total"]
                            / result["bfloat16 autocast"]["phases_seconds"]["block total"], 3),
-            "step": round(result["float32"]["seconds_per_step"] / result["bfloat16 autocast"]["seconds_per_step"], 3)}
+            "step": round(result["float32"]["seconds_per_step"] / result["bfloat16 autocast"]["seconds_per_step"], 3),
+            "block, passes too": round(result["float32"]["phases_seconds"]["block total"]
+                                       / result["bfloat16 autocast, passes too"]["phases_seconds"]["block total"], 3)}
     result["matmul_gflops"] = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
     cpu = "" if result["cpu"]["native_bfloat16"] else "-no-native-bf16"
     path = Path(args.out) / f"step_profile-{Path(args.recipe).stem}{cpu}.json"

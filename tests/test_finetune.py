@@ -75,8 +75,35 @@ def test_finetune_trains_only_the_scales_and_lowers_the_kl(tmp_path, tiny_llama,
 
     recipe = load_recipe(str(tmp_path / "tuned" / "recipe.yaml"))
     tokenizer = open_model(str(tiny_llama), "float32", "cpu").tokenizer
-    windows, _ = calibration_windows(recipe, tokenizer, None)
+    windows = calibration_windows(recipe, tokenizer, None).windows
     assert kl_to_fp(tuned, tiny_llama, windows) < kl_to_fp(plain, tiny_llama, windows)
+
+
+def test_heldout_finetune_trains_on_windows_the_blocks_never_saw(tmp_path, tiny_llama, tiny_text_file, monkeypatch):
+    """`finetune.data: heldout`: the stage gets steps x batch_size windows of the calibration text, none of
+    them a block-loop window, each once, and still lowers the KL; the export stays its integer state."""
+    seen: list[torch.Tensor] = []
+    real = finetune.finetune_scales
+
+    def spy(model, teacher, qlinears, states, windows, *args, **kwargs):
+        seen.append(windows)
+        return real(model, teacher, qlinears, states, windows, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "finetune_scales", spy)
+    extra = f"weights: {{group_size: 48}}\n{FINETUNE}"
+    out = quantize(tmp_path / "h", tiny_llama, tiny_text_file, "w3a16", extra, sets=("finetune.data=heldout",))
+    recipe = load_recipe(str(tmp_path / "h" / "recipe.yaml"))
+    data = calibration_windows(recipe, open_model(str(tiny_llama), "float32", "cpu").tokenizer, None)
+    assert seen[0].shape == (8 * 2, 32) and torch.equal(seen[0], data.finetune_windows)
+    block_windows = {tuple(w.tolist()) for w in data.windows}
+    assert not block_windows & {tuple(w.tolist()) for w in seen[0]}
+    order = torch.cat(finetune.window_order(len(seen[0]), 8, 2, recipe.calibration.seed))
+    assert torch.equal(order.sort().values, torch.arange(16))  # each window once
+    log = json.loads((out / "quant_log.json").read_text())["finetune"]
+    assert log["loss_last"] < log["loss_first"]
+    weights = load_file(str(out / "hf-fakequant" / "model.safetensors"))
+    for name, state in saved_states(out / "hf-fakequant").items():
+        assert torch.equal(weights[f"{name}.weight"], state.dequantize()), name
 
 
 def test_distillation_kl_is_the_mean_over_tokens_of_kl_teacher_to_student():

@@ -129,10 +129,34 @@ def eval_segments(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> t
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`nsamples` random windows of `seqlen` tokens, the same for the same (ids, seed): [nsamples, seqlen]."""
+    return _windows_at(ids, calibration_starts(ids, nsamples, seqlen, seed), seqlen)
+
+
+def calibration_starts(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Where `calibration_windows` cuts its windows: `nsamples` starts drawn uniformly from [0, len − seqlen)."""
     if ids.numel() <= seqlen:
         raise InputError(
             f"calibration text has {ids.numel()} tokens, fewer than one window of seqlen {seqlen} (+1)"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+
+
+def heldout_windows(ids: torch.Tensor, taken: torch.Tensor, count: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`count` random windows of `seqlen` tokens that share no token with the windows starting at `taken`
+    (the calibration windows): starts drawn uniformly, with `seed`, from those s with |s − t| ≥ seqlen for
+    every t in `taken`. [count, seqlen]; InputError when the text leaves no such start."""
+    free = torch.ones(max(ids.numel() - seqlen, 0), dtype=torch.bool)
+    for t in taken.tolist():
+        free[max(t - seqlen + 1, 0): t + seqlen] = False
+    candidates = free.nonzero().flatten()
+    if len(candidates) == 0:
+        raise InputError(f"the calibration text ({ids.numel()} tokens) leaves no window of {seqlen} tokens outside "
+                         f"the {len(taken)} calibration windows for finetune.data heldout: use a longer text, "
+                         "fewer calibration.nsamples, or finetune.data: calibration")
+    gen = torch.Generator().manual_seed(seed)
+    return _windows_at(ids, candidates[torch.randint(0, len(candidates), (count,), generator=gen)], seqlen)
+
+
+def _windows_at(ids: torch.Tensor, starts: torch.Tensor, seqlen: int) -> torch.Tensor:
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

@@ -207,13 +207,30 @@ def model_inputs(name: str) -> list[tuple[str, Path]]:
     return [("the model", path) for path in paths if path.exists()]
 
 
-def calibration_windows(recipe: Recipe, tokenizer, data_dir: str | None):
+@dataclass
+class CalibrationData:
+    """The token windows of a run: the block loop's, the finetune stage's (None without the stage; the
+    same tensor with `finetune.data: calibration`, else `finetune.steps` x `calibration.batch_size` windows
+    that share no token with the block loop's), and the text they come from."""
+
+    windows: torch.Tensor
+    finetune_windows: torch.Tensor | None
+    text: object  # abqcli.data.TextSource
+
+
+def calibration_windows(recipe: Recipe, tokenizer, data_dir: str | None) -> CalibrationData:
     from abqcli import data
 
-    cal = recipe.calibration
+    cal, spec = recipe.calibration, recipe.finetune
     text = data.load_text(cal.dataset, "calib", data_dir)
     ids, _ = data.tokenize(tokenizer, text.text)
-    return data.calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed), text
+    starts = data.calibration_starts(ids, cal.nsamples, cal.seqlen, cal.seed)
+    windows = data.calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
+    finetune_windows = None
+    if spec.enabled:
+        finetune_windows = windows if spec.data == "calibration" else data.heldout_windows(
+            ids, starts, spec.steps * cal.batch_size, cal.seqlen, cal.seed)
+    return CalibrationData(windows, finetune_windows, text)
 
 
 def model_sha256(source) -> str:
@@ -346,7 +363,8 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     model, tokenizer, source, blocks = _load(recipe, out_dir, ranks)
     adapter = adapter_for(model)
     check_recipe_fits(recipe, model, adapter)
-    windows, text = calibration_windows(recipe, tokenizer, data_dir)
+    calibration_data = calibration_windows(recipe, tokenizer, data_dir)
+    windows, text = calibration_data.windows, calibration_data.text
     recipe_yaml = dump_recipe(recipe)
     if ranks.rank == 0:
         _open_output(out_dir, recipe_yaml)
@@ -364,7 +382,8 @@ def _calibrate_and_export(recipe: Recipe, out_dir: Path, data_dir: str | None, r
     if ranks.rank != 0:
         return {"rank": ranks.rank, **processes, "seconds": round(time.perf_counter() - start, 2)}
     set_kv_quant(model, adapter, result.kv_bits, rotation.kv_transform, recipe.kv_clip)
-    finetuned = _finetune(recipe, model, teacher, result, windows, device, progress) if teacher else None
+    finetuned = (_finetune(recipe, model, teacher, result, calibration_data.finetune_windows, device, progress)
+                 if teacher else None)
     del teacher
     provenance = build_provenance(recipe, source, text, result.fingerprint)
     provenance["rotation"] = rotation.provenance()

@@ -98,6 +98,9 @@ LOADINGS = ("full", "blockwise")  # model.loading
 CACHE_PLACES = ("auto", "memory", "disk")
 CACHE_DTYPES = ("model", "float32")
 FINETUNE_SCHEDULES = ("constant", "cosine")  # finetune.schedule: the learning rate over the steps
+# finetune.data: the stage's windows: the block loop's (calibration), or new ones of the same text that
+# share no token with them (heldout), steps x batch_size of them, each seen once
+FINETUNE_DATA = ("calibration", "heldout")
 AUTOCASTS = ("none", "bfloat16", "auto")  # calibration.autocast: the dtype of ABQ's training passes
 # (auto: bfloat16 where the device multiplies in bf16 natively, else none; `recipe_checks.resolve_autocast`)
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -470,12 +473,16 @@ class FinetuneSpec:
     `steps` Adam steps, each on `calibration.batch_size` calibration windows, at learning rate `lr` (of the
     relative scale steps), on the KL divergence between the FP model's next-token distribution and the
     quantized model's. Codes and zero points stay as the block loop left them. `schedule`: the learning
-    rate stays `lr` (constant) or falls from `lr` to 0 along a half cosine over the steps (cosine)."""
+    rate stays `lr` (constant) or falls from `lr` to 0 along a half cosine over the steps (cosine). `data`:
+    the block loop's windows (calibration), or steps x batch_size new windows of the calibration text
+    that share no token with them (heldout), so that the stage sees the blocks' error on text they were
+    not fitted to."""
 
     enabled: Flag = False
     steps: _int(1, cap=MAX_FINETUNE_STEPS) = 32
     lr: Rate = 3e-3  # SmolLM2 W4A16 g128, 32 steps of 2 x 512 tokens: 1e-3 22.394, 3e-3 22.164, 1e-2 22.737
     schedule: _choice(FINETUNE_SCHEDULES) = "constant"  # W4A16 g128: cosine 22.299 against 22.224
+    data: _choice(FINETUNE_DATA) = "calibration"
 
 
 @dataclass(config=_SECTION)
