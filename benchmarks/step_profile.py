@@ -13,7 +13,7 @@ pass that records LET's activation statistics and the attention maps of the KL t
 (`_observe_teacher`), the GPTQ Hessians and rounding, and the training steps. The block is calibrated twice, in float32 and with
 `calibration.autocast: bfloat16` (the student's forward under `torch.autocast("cpu", torch.bfloat16)`,
 the backward following it), and a third time with `calibration.autocast_passes: true` as well (the
-teacher and chain passes under the same autocast); for each, `--steps` more optimizer steps are timed on a fresh copy, the
+chain passes under the same autocast); for each, `--steps` more optimizer steps are timed on a fresh copy, the
 float32 step is split by operator with torch.profiler, and the machine's rate on one of the block's
 matmuls is measured in both dtypes. Writes benchmarks/results/step_profile-<recipe>.json.
 """

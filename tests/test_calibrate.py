@@ -222,7 +222,7 @@ def test_bf16_autocast_training_tracks_the_float32_loss(runs, monkeypatch, tmp_p
 
 
 def test_bf16_passes_move_the_targets_and_keep_the_export_exact(runs, tmp_path, tiny_llama, tiny_text_file):
-    """`calibration.autocast_passes: true` with a bf16 `autocast`: the FP teacher and both chains run in bf16
+    """`calibration.autocast_passes: true` with a bf16 `autocast`: the passes of both chains run in bf16
     too, so the block losses (against other targets) differ from those of float32 passes but stay close,
     and the export is still exactly its folded integer state; with `autocast: none` it changes nothing."""
     _, fp32 = runs.get("llama")

@@ -462,8 +462,9 @@ class CalibrationSpec:
     cache: _choice(CACHE_PLACES) = "auto"  # where the activation caches live (abqcli.quant.cache)
     cache_dtype: _choice(CACHE_DTYPES) = "model"
     autocast: _choice(AUTOCASTS) = "none"  # bfloat16: the training passes' products in bf16 (abq method)
-    # true: the forward-only passes (FP teacher, FP and quantized chains, the finetune stage's teacher) in
-    # the dtype of the training passes too (bf16 where `autocast` is or resolves to bfloat16); false: float32
+    # true: the forward-only passes of the chains (the FP block on both chains, the quantized block on its
+    # chain) and the finetune stage's teacher in the dtype of the training passes too (bf16 where
+    # `autocast` is or resolves to bfloat16); false: float32. The attention maps of the KL term stay float32.
     autocast_passes: Flag = False
 
 

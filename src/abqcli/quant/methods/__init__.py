@@ -90,8 +90,9 @@ class BlockContext:
               on their full range (no learned clipping or rounding, no Hessian), i.e. RTN;
     ranks:    this process's place in a data-parallel run: the chains hold its share of the windows, and
               what feeds the block's learnable tensors is reduced across ranks (`abqcli.distributed`);
-    bf16_passes: the forward-only passes (`run`, the teacher's observation) under bf16 autocast
-              (`calibration.autocast_passes` with a bf16 `autocast`); else float32.
+    bf16_passes: the chains' passes (`run`: the FP block on the FP chain and on the quantized chain, the
+              quantized block on its chain) under bf16 autocast (`calibration.autocast_passes` with a bf16
+              `autocast`); else float32.
     """
 
     index: int
