@@ -65,24 +65,26 @@ def test_heldout_windows_share_no_token_with_the_calibration_windows():
     """`finetune.data: heldout`: every held-out window lies outside every calibration window (ids are
     positions here), comes from anywhere else in the text, and the draw is the same for the same seed."""
     ids = ids_of(2000)
-    starts = data.calibration_starts(ids, 12, 50, seed=2)
-    assert torch.equal(data.calibration_windows(ids, 12, 50, seed=2)[:, 0], starts)
-    heldout = data.heldout_windows(ids, starts, 64, 50, seed=2)
+    heldout = data.heldout_windows(ids, 64, 12, 50, seed=2)
     assert heldout.shape == (64, 50)
-    taken = {int(t) for s in starts.tolist() for t in range(s, s + 50)}
+    taken = set(data.calibration_windows(ids, 12, 50, seed=2).flatten().tolist())
     for w in heldout:
         assert torch.equal(w, ids[int(w[0]): int(w[0]) + 50])
         assert not taken & set(w.tolist())
-    assert torch.equal(heldout, data.heldout_windows(ids, starts, 64, 50, seed=2))
-    assert not torch.equal(heldout, data.heldout_windows(ids, starts, 64, 50, seed=3))
+    assert torch.equal(heldout, data.heldout_windows(ids, 64, 12, 50, seed=2))
+    other = data.heldout_windows(ids, 64, 12, 50, seed=3)
+    assert not torch.equal(heldout, other)
+    assert not set(data.calibration_windows(ids, 12, 50, seed=3).flatten().tolist()) & set(other.flatten().tolist())
     assert len({int(w[0]) for w in heldout}) > 32  # drawn, not one place repeated
 
 
-def test_heldout_windows_without_room_are_an_input_error():
+def test_heldout_windows_without_room_are_an_input_error(monkeypatch):
     ids = ids_of(100)
+    monkeypatch.setattr(data, "calibration_starts", lambda ids, nsamples, seqlen, seed: torch.tensor([10, 50]))
     with pytest.raises(InputError, match="leaves no window of 40 tokens outside the 2 calibration windows"):
-        data.heldout_windows(ids, torch.tensor([10, 50]), 4, 40, seed=0)
-    window = data.heldout_windows(ids, torch.tensor([0]), 3, 40, seed=0)  # only start 40..59 is free
+        data.heldout_windows(ids, 4, 2, 40, seed=0)
+    monkeypatch.setattr(data, "calibration_starts", lambda ids, nsamples, seqlen, seed: torch.tensor([0]))
+    window = data.heldout_windows(ids, 3, 1, 40, seed=0)  # only starts 40..59 are free
     assert all(40 <= int(w[0]) < 60 for w in window)
 
 

@@ -92,7 +92,7 @@ def test_heldout_finetune_trains_on_windows_the_blocks_never_saw(tmp_path, tiny_
     monkeypatch.setattr(finetune, "finetune_scales", spy)
     extra = f"weights: {{group_size: 48}}\n{FINETUNE}"
     out = quantize(tmp_path / "h", tiny_llama, tiny_text_file, "w3a16", extra, sets=("finetune.data=heldout",))
-    recipe = load_recipe(str(tmp_path / "h" / "recipe.yaml"))
+    recipe = load_recipe(str(tmp_path / "h" / "recipe.yaml"), ["finetune.data=heldout"])
     data = calibration_windows(recipe, open_model(str(tiny_llama), "float32", "cpu").tokenizer, None)
     assert seen[0].shape == (8 * 2, 32) and torch.equal(seen[0], data.finetune_windows)
     block_windows = {tuple(w.tolist()) for w in data.windows}

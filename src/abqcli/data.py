@@ -142,11 +142,12 @@ def calibration_starts(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int)
     return torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
 
 
-def heldout_windows(ids: torch.Tensor, taken: torch.Tensor, count: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`count` random windows of `seqlen` tokens that share no token with the windows starting at `taken`
-    (the calibration windows): starts drawn uniformly, with `seed`, from those s with |s − t| ≥ seqlen for
-    every t in `taken`. [count, seqlen]; InputError when the text leaves no such start."""
-    free = torch.ones(max(ids.numel() - seqlen, 0), dtype=torch.bool)
+def heldout_windows(ids: torch.Tensor, count: int, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`count` random windows of `seqlen` tokens that share no token with `calibration_windows(ids, nsamples,
+    seqlen, seed)`: starts drawn uniformly, with `seed`, from those s with |s − t| ≥ seqlen for every
+    calibration start t. [count, seqlen]; InputError when the text leaves no such start."""
+    taken = calibration_starts(ids, nsamples, seqlen, seed)
+    free = torch.ones(ids.numel() - seqlen, dtype=torch.bool)
     for t in taken.tolist():
         free[max(t - seqlen + 1, 0): t + seqlen] = False
     candidates = free.nonzero().flatten()

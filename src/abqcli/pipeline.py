@@ -25,6 +25,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -55,6 +56,9 @@ from abqcli.recipe_checks import (
     resolve_autocast,
 )
 from abqcli.registry import FORMATS, METHODS
+
+if TYPE_CHECKING:
+    from abqcli.data import TextSource
 
 QUANT_LOG = "quant_log.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -215,7 +219,7 @@ class CalibrationData:
 
     windows: torch.Tensor
     finetune_windows: torch.Tensor | None
-    text: object  # abqcli.data.TextSource
+    text: TextSource
 
 
 def calibration_windows(recipe: Recipe, tokenizer, data_dir: str | None) -> CalibrationData:
@@ -224,12 +228,11 @@ def calibration_windows(recipe: Recipe, tokenizer, data_dir: str | None) -> Cali
     cal, spec = recipe.calibration, recipe.finetune
     text = data.load_text(cal.dataset, "calib", data_dir)
     ids, _ = data.tokenize(tokenizer, text.text)
-    starts = data.calibration_starts(ids, cal.nsamples, cal.seqlen, cal.seed)
     windows = data.calibration_windows(ids, cal.nsamples, cal.seqlen, cal.seed)
     finetune_windows = None
     if spec.enabled:
         finetune_windows = windows if spec.data == "calibration" else data.heldout_windows(
-            ids, starts, spec.steps * cal.batch_size, cal.seqlen, cal.seed)
+            ids, spec.steps * cal.batch_size, cal.nsamples, cal.seqlen, cal.seed)
     return CalibrationData(windows, finetune_windows, text)
 
 
