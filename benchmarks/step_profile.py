@@ -65,11 +65,11 @@ def time_phases(phases: dict[str, float]) -> None:
 
 def fresh_block(recipe, base, block_index: int):
     """(method, ctx) of a fresh copy of the block, as the loop sets it up before `prepare`."""
+    from abqcli.recipe_checks import bf16_passes
     from abqcli.registry import METHODS
 
     calibrator, block, hidden, kwargs = base
-    cal = recipe.calibration
-    calibrator.bf16_passes = cal.autocast_passes and cal.autocast == "bfloat16"  # as the variant's loop would
+    calibrator.bf16_passes = bf16_passes(recipe, str(calibrator.device))  # as the variant's loop would
     ctx = calibrator._context(block_index, copy.deepcopy(block), hidden, hidden, kwargs)
     method = METHODS.load(recipe.calibration.method)(recipe, calibrator.adapter)
     for p in ctx.qblock.parameters():

@@ -47,6 +47,7 @@ from abqcli.quant.calibrate import BlockSource, CalibrationResult, Calibrator, P
 from abqcli.quant.checkpoint import CHECKPOINT_STATE, read_checkpoint
 from abqcli.recipe import Recipe, describe, dump_recipe
 from abqcli.recipe_checks import (
+    bf16_passes,
     check_blockwise,
     check_finetune_processes,
     check_loss_terms,
@@ -430,7 +431,7 @@ def _finetune(recipe: Recipe, model, teacher, result: CalibrationResult, windows
     progress.finetune_start(spec.steps)
     log = finetune_scales(model, teacher, qlinears, result.quantized, windows, spec, cal.batch_size, cal.seed,
                           cal.autocast == "bfloat16", device, progress.finetune_step,
-                          teacher_autocast=cal.autocast == "bfloat16" and cal.autocast_passes)
+                          teacher_autocast=bf16_passes(recipe, str(device)))
     progress.finetune_end(log)
     return log
 

@@ -56,6 +56,13 @@ def resolve_autocast(recipe: Recipe, device: str) -> Recipe:
     return dataclasses.replace(recipe, calibration=dataclasses.replace(cal, autocast=autocast))
 
 
+def bf16_passes(recipe: Recipe, device: str) -> bool:
+    """Whether the chains' forward passes and the finetune stage's teacher run under bf16 autocast:
+    `calibration.autocast_passes` with an `autocast` that is, or resolves to on `device`, bfloat16."""
+    cal = resolve_autocast(recipe, device).calibration
+    return cal.autocast_passes and cal.autocast == "bfloat16"
+
+
 def check_rounding(recipe: Recipe) -> None:
     """`calibration.rounding` must be one the method runs (learned rounding needs a method that trains)."""
     cal = recipe.calibration

@@ -38,7 +38,7 @@ from abqcli.quant.fakequant import wrap_block_linears
 from abqcli.quant.methods import BlockContext, CalibrationMethod, NonFiniteLoss, run_block
 from abqcli.quant.quantizer import FP_BITS, LayerQuant, QuantizedWeight
 from abqcli.recipe import Recipe
-from abqcli.recipe_checks import resolve_autocast
+from abqcli.recipe_checks import bf16_passes
 from abqcli.registry import METHODS
 
 
@@ -143,8 +143,7 @@ class Calibrator:
         self.method: CalibrationMethod = METHODS.load(recipe.calibration.method)(recipe, adapter)
         self.source = source or BlockSource()
         self.cache = cache or ActivationCache()
-        cal = resolve_autocast(recipe, str(device)).calibration
-        self.bf16_passes = cal.autocast_passes and cal.autocast == "bfloat16"
+        self.bf16_passes = bf16_passes(recipe, str(device))
 
     def run(self, resume: bool = False) -> CalibrationResult:
         """Every block in order (see the module docstring); with a `BlockSource` that does not keep the
