@@ -14,6 +14,7 @@ from abqcli.quant.loss import (
     block_loss,
     causal_kl,
     mean_cosine,
+    needs_y_2,
     term_values,
     token_normalized_mse,
     window_loss,
@@ -89,6 +90,9 @@ def test_total_is_the_sum_of_hand_computed_terms():
         (LossSpec(mse=False, cosine=False, attention_kl=True), {"kl_fwd", "kl_rev"}),
         (LossSpec(mse=True, cosine=True, attention_kl=False), {"mse_1", "mse_2", "cos_1", "cos_2"}),
         (LossSpec(mse=False, cosine=True, attention_kl=True), {"cos_1", "cos_2", "kl_fwd", "kl_rev"}),
+        (LossSpec(targets="fp_chain"), {"mse_1", "cos_1", "kl_fwd", "kl_rev"}),
+        (LossSpec(targets="quantized_chain"), {"mse_2", "cos_2", "kl_fwd", "kl_rev"}),
+        (LossSpec(cosine=False, attention_kl=False, targets="fp_chain"), {"mse_1"}),
     ],
 )
 def test_each_term_can_be_switched_off(spec, expected_keys):
@@ -101,6 +105,18 @@ def test_each_term_can_be_switched_off(spec, expected_keys):
     assert set(terms) == expected_keys
     assert terms == pytest.approx({k: all_terms[k] for k in expected_keys})
     assert total.item() == pytest.approx(sum(all_terms[k] for k in expected_keys), rel=1e-6)
+
+
+def test_fp_chain_target_needs_no_y_2():
+    y_q, y_1 = _hidden(0), _hidden(1)
+    p_q, p_1 = _causal_probs(2, 5, 3), _causal_probs(2, 5, 4)
+    spec = LossSpec(targets="fp_chain")
+    total, terms = block_loss(y_q, y_1, None, p_q, p_1, spec)
+    total_with, terms_with = block_loss(y_q, y_1, _hidden(2), p_q, p_1, spec)
+    assert terms == terms_with and total.item() == total_with.item()
+    assert not needs_y_2(spec)
+    assert needs_y_2(LossSpec()) and needs_y_2(LossSpec(targets="quantized_chain"))
+    assert not needs_y_2(LossSpec(mse=False, cosine=False, attention_kl=True))
 
 
 def test_kl_needs_both_probability_maps():

@@ -450,6 +450,22 @@ def test_unsupported_architecture(tmp_path, capsys, gpt2_dir, tiny_text_file):
     assert not (tmp_path / "out").exists()
 
 
+def test_fp_chain_target_trains_on_y_1_alone(runs):
+    log = json.loads((runs.get("llama", "w4a16", calibration="loss: {targets: fp_chain}") / "quant_log.json")
+                     .read_text())
+    for block in log["blocks"]:
+        assert block["loss_last"] < block["loss_first"], block
+        assert set(block["loss_terms_last"]) == {"mse_1", "cos_1", "kl_fwd", "kl_rev"}
+
+
+def test_unknown_loss_target_is_refused(runs, tmp_path, capsys):
+    rc = abq(tmp_path, "quantize", runs.recipe(tmp_path, "llama"), "--set", "calibration.loss.targets=y_3")
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2
+    assert "calibration.loss.targets" in line and "fp_chain" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_loss_term_off_is_refused(runs, tmp_path, capsys):
     rc = abq(tmp_path, "quantize", runs.recipe(tmp_path, "llama"), "--set", "calibration.loss.mse=false",
              "--set", "calibration.loss.cosine=false", "--set", "calibration.loss.attention_kl=false")

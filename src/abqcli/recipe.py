@@ -101,6 +101,9 @@ FINETUNE_SCHEDULES = ("constant", "cosine")  # finetune.schedule: the learning r
 # finetune.data: the stage's windows: the block loop's (calibration), or new ones of the same text that
 # share no token with them (heldout), steps x batch_size of them, each seen once
 FINETUNE_DATA = ("calibration", "heldout")
+# calibration.loss.targets: the outputs the block's MSE and cosine terms compare Y_q with: Y_1 (the FP
+# block on the FP-chain input) and Y_2 (the FP block on the quantized-chain input), or one of them
+LOSS_TARGETS = ("both", "fp_chain", "quantized_chain")
 AUTOCASTS = ("none", "bfloat16", "auto")  # calibration.autocast: the dtype of ABQ's training passes
 # (auto: bfloat16 where the device multiplies in bf16 natively, else none; `recipe_checks.resolve_autocast`)
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -407,13 +410,15 @@ class CompensationSpec:
 
 @dataclass(config=_SECTION)
 class LossSpec:
-    """Which distribution-correction loss terms are on (ablations), and `token_normalized`: the MSE terms
-    on each token's output divided by the root mean square of its target (`abqcli.quant.loss`)."""
+    """Which distribution-correction loss terms are on (ablations), `token_normalized`: the MSE terms on
+    each token's output divided by the root mean square of its target, and `targets`: the MSE and cosine
+    terms against both Y_1 and Y_2 (DESIGN §4), or against one of them (`abqcli.quant.loss`)."""
 
     mse: Flag = True
     cosine: Flag = True
     attention_kl: Flag = True
     token_normalized: Flag = False
+    targets: _choice(LOSS_TARGETS) = "both"
 
 
 @dataclass(config=_SECTION)

@@ -7,6 +7,10 @@ Y_q: quantized block on the quantized-chain input; Y_1: FP block on the FP-chain
 the quantized-chain input; P: attention probabilities averaged over heads. The KL is taken row-wise over
 keys on the causal entries only, on P itself (the reference code's second softmax is not applied).
 
+`loss.targets: fp_chain` keeps only the Y_1 terms of the MSE and the cosine (the block is trained to
+give the FP chain's output from its quantized input, so that it corrects the error of the blocks before
+it); `quantized_chain` only the Y_2 ones (the block reproduces the FP block on its own input).
+
 `loss.token_normalized` replaces each MSE by the MSE of the token-normalized outputs,
 
     MSE_n(Y_q, Y) = 1/(T·H) · Σ_t ‖Y_q,t − Y_t‖² / r_t²,    r_t² = ‖Y_t‖² / H + ε    (r: no gradient),
@@ -64,20 +68,29 @@ def causal_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 COSINE_TERMS = {"cos_1": "y_1", "cos_2": "y_2"}
+TARGET_INDICES = {"both": ("1", "2"), "fp_chain": ("1",), "quantized_chain": ("2",)}  # loss.targets -> Y_i
 
 
-def window_terms(y_q: torch.Tensor, y_1: torch.Tensor, y_2: torch.Tensor, p_q: torch.Tensor | None,
+def needs_y_2(spec: LossSpec) -> bool:
+    """Whether the loss compares with Y_2 (else the FP block need not run on the quantized chain)."""
+    return (spec.mse or spec.cosine) and "2" in TARGET_INDICES[spec.targets]
+
+
+def window_terms(y_q: torch.Tensor, y_1: torch.Tensor, y_2: torch.Tensor | None, p_q: torch.Tensor | None,
                  p_1: torch.Tensor | None, spec: LossSpec) -> dict[str, torch.Tensor]:
     """Each enabled term of the loss of one window (or of a batch taken as a whole): the MSE and KL terms
-    as they enter the loss, the cosine ones as the mean cosine c (the loss has −log c̄)."""
+    as they enter the loss, the cosine ones as the mean cosine c (the loss has −log c̄). `y_2` may be None
+    where `needs_y_2(spec)` is false."""
+    outputs = {"1": y_1, "2": y_2}
+    targets = {i: outputs[i] for i in TARGET_INDICES[spec.targets]}
     terms: dict[str, torch.Tensor] = {}
     if spec.mse:
         mse = token_normalized_mse if spec.token_normalized else F.mse_loss
-        terms["mse_1"] = mse(y_q.float(), y_1.float())
-        terms["mse_2"] = mse(y_q.float(), y_2.float())
+        for i, y in targets.items():
+            terms[f"mse_{i}"] = mse(y_q.float(), y.float())
     if spec.cosine:
-        terms["cos_1"] = mean_cosine(y_q, y_1)
-        terms["cos_2"] = mean_cosine(y_q, y_2)
+        for i, y in targets.items():
+            terms[f"cos_{i}"] = mean_cosine(y_q, y)
     if spec.attention_kl and p_q is not None and p_1 is not None:
         terms["kl_fwd"] = causal_kl(p_1, p_q)
         terms["kl_rev"] = causal_kl(p_q, p_1)
@@ -109,7 +122,7 @@ def term_values(means: dict[str, float]) -> dict[str, float]:
     return {k: -math.log(max(v, PROB_EPS)) if k in COSINE_TERMS else v for k, v in means.items()}
 
 
-def block_loss(y_q: torch.Tensor, y_1: torch.Tensor, y_2: torch.Tensor, p_q: torch.Tensor | None,
+def block_loss(y_q: torch.Tensor, y_1: torch.Tensor, y_2: torch.Tensor | None, p_q: torch.Tensor | None,
                p_1: torch.Tensor | None, spec: LossSpec) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a batch taken as a whole (the module docstring's L) and each enabled term's value: the
     definition that the window-by-window computation reproduces."""

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from abqcli.models.adapters import Adapter
-from abqcli.quant.loss import batch_means, term_values, window_loss, window_terms
+from abqcli.quant.loss import batch_means, needs_y_2, term_values, window_loss, window_terms
 from abqcli.quant.methods import (
     GPTQ,
     LEARNED,
@@ -113,7 +113,7 @@ class AbqMethod(CalibrationMethod):
         if not groups:
             return Training()
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        fp_on_q = ctx.run(ctx.fp_block, ctx.q_in)
+        fp_on_q = ctx.run(ctx.fp_block, ctx.q_in) if needs_y_2(self.recipe.calibration.loss) else None
         teacher_probs = self.teacher_probs
         epoch_losses: list[list[float]] = []
         terms: dict[str, float] = {}
@@ -177,7 +177,7 @@ class AbqMethod(CalibrationMethod):
                                                self.offsets.get(rel))
         return params
 
-    def _backward(self, ctx: BlockContext, b: slice, fp_on_q: torch.Tensor,
+    def _backward(self, ctx: BlockContext, b: slice, fp_on_q: torch.Tensor | None,
                   p_1: torch.Tensor | None) -> dict[str, float]:
         """The gradient of batch `b`'s loss; each term's value over the global batch.
 
@@ -201,10 +201,10 @@ class AbqMethod(CalibrationMethod):
             torch.autograd.backward([params[k] for k in reached], [shared[k].grad for k in reached])
         return term_values(means)
 
-    def _window_terms(self, ctx: BlockContext, w: slice, params: dict[str, torch.Tensor], fp_on_q: torch.Tensor,
+    def _window_terms(self, ctx: BlockContext, w: slice, params: dict[str, torch.Tensor], fp_on_q: torch.Tensor | None,
                       p_1: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The loss terms of window `w` (`loss.window_terms`): Y_q against Y_1 = fp_out and Y_2 = fp_on_q,
-        with the block's quantized parameters `params`."""
+        """The loss terms of window `w` (`loss.window_terms`): Y_q against Y_1 = fp_out and Y_2 = fp_on_q
+        (None where the loss has no Y_2 term), with the block's quantized parameters `params`."""
         attn_q = self.adapter.attention_module(ctx.qblock)
         want_kl = self.recipe.calibration.loss.attention_kl
         if want_kl and p_1 is None:
@@ -216,7 +216,8 @@ class AbqMethod(CalibrationMethod):
         finally:
             attn_q.abq_record_probs = False
         p_q, attn_q.abq_probs = getattr(attn_q, "abq_probs", None), None
-        return window_terms(y_q.float(), ctx.batch(ctx.fp_out, w), ctx.batch(fp_on_q, w),
+        y_2 = None if fp_on_q is None else ctx.batch(fp_on_q, w)
+        return window_terms(y_q.float(), ctx.batch(ctx.fp_out, w), y_2,
                             None if p_q is None else p_q.float(), p_1, self.recipe.calibration.loss)
 
     def folded_params(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
