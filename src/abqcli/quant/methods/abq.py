@@ -201,8 +201,8 @@ class AbqMethod(CalibrationMethod):
             torch.autograd.backward([params[k] for k in reached], [shared[k].grad for k in reached])
         return term_values(means)
 
-    def _window_terms(self, ctx: BlockContext, w: slice, params: dict[str, torch.Tensor], fp_on_q: torch.Tensor | None,
-                      p_1: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _window_terms(self, ctx: BlockContext, w: slice, params: dict[str, torch.Tensor],
+                      fp_on_q: torch.Tensor | None, p_1: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The loss terms of window `w` (`loss.window_terms`): Y_q against Y_1 = fp_out and Y_2 = fp_on_q
         (None where the loss has no Y_2 term), with the block's quantized parameters `params`."""
         attn_q = self.adapter.attention_module(ctx.qblock)
