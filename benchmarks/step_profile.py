@@ -96,12 +96,10 @@ def calibrate_block(recipe, base, block_index: int, phases: dict[str, float]) ->
 
 def step_seconds(recipe, base, block_index: int, steps: int, profile: bool = False):
     """Seconds per optimizer step on a freshly prepared block (and a profiler table when asked)."""
-    from abqcli.quant.loss import needs_y_2
-
     method, ctx = fresh_block(recipe, base, block_index)
     method.prepare(ctx)
     optimizer = torch.optim.AdamW([g for g in method.param_groups() if g["params"]], weight_decay=0.0)
-    fp_on_q = ctx.run(ctx.fp_block, ctx.q_in) if needs_y_2(recipe.calibration.loss) else None
+    fp_on_q = method.fp_on_quantized_chain(ctx)
     probs = method.teacher_probs
     batches = ctx.batches()
 

@@ -113,7 +113,7 @@ class AbqMethod(CalibrationMethod):
         if not groups:
             return Training()
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        fp_on_q = ctx.run(ctx.fp_block, ctx.q_in) if needs_y_2(self.recipe.calibration.loss) else None
+        fp_on_q = self.fp_on_quantized_chain(ctx)
         teacher_probs = self.teacher_probs
         epoch_losses: list[list[float]] = []
         terms: dict[str, float] = {}
@@ -131,6 +131,10 @@ class AbqMethod(CalibrationMethod):
                 epoch_losses[-1].append(value)
                 on_step(epoch, step, value)
         return Training(_mean(epoch_losses[0]), _mean(epoch_losses[-1]), terms)
+
+    def fp_on_quantized_chain(self, ctx: BlockContext) -> torch.Tensor | None:
+        """Y_2 of every window (the FP block on the quantized chain), or None where the loss has no Y_2 term."""
+        return ctx.run(ctx.fp_block, ctx.q_in) if needs_y_2(self.recipe.calibration.loss) else None
 
     def _autocast(self, ctx: BlockContext) -> torch.autocast:
         """`calibration.autocast: bfloat16`: the student's training passes with bf16 products; the
