@@ -19,8 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
+from rich.progress import Progress as RichProgress
 from safetensors.torch import load_file
 
+from abqcli.cli import RichCalibrationProgress
 from abqcli.errors import InputError, RunError
 from abqcli.evaluate import open_model
 from abqcli.pipeline import CHECKPOINT_DIR, QuantizeInterrupted, calibration_windows, run_quantize
@@ -230,3 +233,13 @@ def test_abq_quantize_shows_the_stage_and_its_kl(tmp_path, tiny_llama, tiny_text
     assert "finetune: training the scales end to end, 8 steps" in err
     log = json.loads((tmp_path / "out" / "quant_log.json").read_text())["finetune"]
     assert f"finetune: KL of the first step's windows {log['loss_first']:.5f} -> {log['loss_last']:.5f}" in err
+
+
+@pytest.mark.parametrize(("last", "hint"), [(0.3, True), (0.1, False)])
+def test_the_stage_line_hints_at_the_rate_only_when_the_kl_rose(last, hint):
+    console = Console(record=True, width=400)
+    shown = RichCalibrationProgress(RichProgress(console=console))
+    shown.finetune_end(finetune.FinetuneLog(steps=4, loss_first=0.2, loss_last=last, seconds=1.0))
+    line = console.export_text()
+    assert f"finetune: KL of the first step's windows 0.20000 -> {last:.5f}, 1.0 s" in line
+    assert ("finetune.lr may be too high" in line) is hint
