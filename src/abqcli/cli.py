@@ -255,9 +255,11 @@ class RichCalibrationProgress:
         self._advance(f"KL {loss:.5f}")
 
     def finetune_end(self, log) -> None:
-        # two windows: a hint, not a verdict (the W4A16 g128 recipe's rises while its perplexity falls)
-        worse = (" (higher after training on these two windows: finetune.lr may be too high; compare the "
-                 "perplexity with finetune.enabled: false or a lower rate)") if log.loss_last > log.loss_first else ""
+        worse = ""
+        if log.loss_last > log.loss_first:  # two windows: a hint, not a verdict (the W4A16 g128 recipe's
+            # KL rises while its perplexity falls)
+            worse = (" (higher after training on these two windows: finetune.lr may be too high; compare the "
+                     "perplexity with finetune.enabled: false or a lower rate)")
         self._end(f"finetune: KL of the first step's windows {log.loss_first:.5f} -> {log.loss_last:.5f}, "
                   f"{log.seconds:.1f} s{worse}")
 

@@ -133,7 +133,8 @@ class AbqMethod(CalibrationMethod):
         return Training(_mean(epoch_losses[0]), _mean(epoch_losses[-1]), terms)
 
     def fp_on_quantized_chain(self, ctx: BlockContext) -> torch.Tensor | None:
-        """Y_2 of every window (the FP block on the quantized chain), or None where the loss has no Y_2 term."""
+        """Y_2 of every window (the FP block on the quantized chain), or None where the loss has no Y_2
+        term (`loss.needs_y_2`)."""
         return ctx.run(ctx.fp_block, ctx.q_in) if needs_y_2(self.recipe.calibration.loss) else None
 
     def _autocast(self, ctx: BlockContext) -> torch.autocast:
